@@ -1,0 +1,5 @@
+import sys
+
+from dtrguard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,309 @@
+"""Directory to tar stream and back, keeping numeric owners, modes, symlinks and mtimes.
+
+Extraction trusts nothing in the archive: absolute names, `..`, device files and links that
+resolve outside the target are rejected before anything is written, and members are written
+into a staging directory that replaces the live contents only once the whole archive was read
+and verified.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Protocol, cast
+
+from dtrguard import log
+from dtrguard.errors import DtrguardError, IntegrityError
+
+_log = log.get("archive")
+WORK_DIR = ".dtrguard-restore"
+
+
+class Writable(Protocol):
+    """Anything with a write method, such as an open file or an ArtifactUpload."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+
+@dataclass
+class ArchiveStats:
+    """What went into, or came out of, one archive."""
+
+    files: int = 0
+    bytes: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+class Excluder:
+    """Matches paths relative to a directory against exclude patterns (fnmatch, / separated).
+
+    A pattern that matches a directory excludes everything below it.
+    """
+
+    def __init__(self, patterns: Sequence[str]):
+        self.patterns = tuple(p.strip("/") for p in patterns if p.strip("/")) + (WORK_DIR,)
+
+    def __call__(self, relative: str) -> bool:
+        return any(fnmatch.fnmatchcase(relative, pattern) for pattern in self.patterns)
+
+
+def walk(root: Path, excluded: Excluder) -> Iterator[tuple[str, Path]]:
+    """Yield (relative name, path) for root and everything below it that is not excluded."""
+    yield ".", root
+    stack = [(root, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            relative = f"{prefix}{entry.name}"
+            if excluded(relative):
+                continue
+            yield relative, Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((Path(entry.path), f"{relative}/"))
+
+
+def write_archive(root: Path, excludes: Sequence[str], out: Writable) -> ArchiveStats:
+    """Write root as a PAX tar stream to out. Files that vanish while being read are skipped."""
+    if not root.is_dir():
+        raise DtrguardError(
+            f"directory {root} not found",
+            hint="create it, or remove it from [[directories]] in the config",
+        )
+    stats = ArchiveStats()
+    with tarfile.open(fileobj=cast(IO[bytes], out), mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for relative, path in walk(root, Excluder(excludes)):
+            _add(tar, relative, path, stats)
+    return stats
+
+
+def _add(tar: tarfile.TarFile, relative: str, path: Path, stats: ArchiveStats) -> None:
+    try:
+        info = tar.gettarinfo(str(path), arcname=relative)
+    except FileNotFoundError:
+        stats.skipped.append(relative)
+        return
+    if info is None:  # a socket: nothing to archive
+        stats.skipped.append(relative)
+        return
+    info.uname = info.gname = ""  # numeric owners only: names differ between nodes
+    if not info.isreg():
+        tar.addfile(info)
+        return
+    try:
+        with open(path, "rb") as handle:
+            tar.addfile(info, handle)
+    except FileNotFoundError:
+        stats.skipped.append(relative)
+        return
+    stats.files += 1
+    stats.bytes += info.size
+
+
+def excluded_paths(root: Path, excludes: Sequence[str]) -> list[str]:
+    """List the relative paths under root that the exclude patterns match (not their contents)."""
+    excluded = Excluder(excludes)
+    found = []
+    stack = [(root, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            relative = f"{prefix}{entry.name}"
+            if relative == WORK_DIR:
+                continue
+            if excluded(relative):
+                found.append(relative)
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append((Path(entry.path), f"{relative}/"))
+    return sorted(found)
+
+
+class UnsafeArchive(IntegrityError):
+    """An archive member would write outside the target or create a device file."""
+
+
+def _check_member(member: tarfile.TarInfo, target: Path, links: set[str]) -> str:
+    """Return the member's normalised relative name, or raise UnsafeArchive."""
+    name = member.name
+    pure = PurePosixPath(name)
+    if name.startswith("/") or pure.is_absolute():
+        raise UnsafeArchive(f"archive member {name!r} has an absolute name", hint="the archive is not from dtrguard")
+    if ".." in pure.parts:
+        raise UnsafeArchive(f"archive member {name!r} contains ..", hint="the archive is not from dtrguard")
+    relative = str(pure)
+    if member.ischr() or member.isblk():
+        raise UnsafeArchive(f"archive member {name!r} is a device file", hint="the archive is not from dtrguard")
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
+        raise UnsafeArchive(f"archive member {name!r} has unsupported type {member.type!r}")
+    for parent in list(pure.parents)[:-1]:
+        if str(parent) in links:
+            raise UnsafeArchive(f"archive member {name!r} is written through the symlink {str(parent)!r}")
+    if member.issym():
+        base = PurePosixPath(target) / pure.parent
+        resolved = os.path.normpath(os.path.join(base, member.linkname))
+        if not _within(resolved, str(target)):
+            raise UnsafeArchive(
+                f"archive member {name!r} is a symlink to {member.linkname!r}, outside {target}",
+                hint="the archive is not from dtrguard",
+            )
+        links.add(relative)
+    if member.islnk():
+        link = PurePosixPath(member.linkname)
+        if link.is_absolute() or ".." in link.parts:
+            raise UnsafeArchive(f"archive member {name!r} is a hard link to {member.linkname!r}, outside the archive")
+    return relative
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[ArchiveStats, tarfile.TarInfo | None]:
+    """Extract a tar stream into the empty directory staging, checking every member.
+
+    Links are checked against target, where the files will finally live. Returns the stats and
+    the archive's root entry ("."), whose owner, mode and mtime belong to target itself.
+    """
+    stats = ArchiveStats()
+    links: set[str] = set()
+    directories: list[tarfile.TarInfo] = []
+    root_info = None
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            relative = _check_member(member, target, links)
+            if relative == ".":
+                root_info = member
+                continue
+            destination = staging / relative
+            if not _within(os.path.realpath(destination.parent), os.path.realpath(staging)):
+                raise UnsafeArchive(f"archive member {member.name!r} resolves outside the target")
+            member.name = relative
+            if member.isdir():
+                destination.mkdir(mode=0o700, exist_ok=True)
+                directories.append(member)
+                continue
+            tar.extract(member, staging, set_attrs=True, numeric_owner=True, filter="fully_trusted")
+            stats.files += 1
+            stats.bytes += member.size if member.isreg() else 0
+    for member in reversed(directories):
+        apply_attributes(staging / member.name, member)
+    return stats, root_info
+
+
+def apply_attributes(path: Path, member: tarfile.TarInfo) -> None:
+    """Set owner, then mode (setgid included, which chown would clear), then mtime."""
+    os.lchown(path, member.uid, member.gid)
+    os.chmod(path, stat.S_IMODE(member.mode))
+    os.utime(path, (member.mtime, member.mtime))
+
+
+class SwapJournal:
+    """A small state file that lets an interrupted swap of directory contents be finished.
+
+    Phases: "extracting" (staging may be partial, so it is rebuilt), "carrying" (excluded
+    paths move from the live directory into staging), "clearing" (live entries move aside),
+    "installing" (staged entries move in). Each step is a rename on one file system and
+    each phase can be run again, so a restart always ends with the new contents, never a mix.
+    """
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.work = target / WORK_DIR
+        self.staging = self.work / "new"
+        self.old = self.work / "old"
+        self.path = self.work / "journal.json"
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(
+                f"restore journal {self.path} is unreadable: {exc}",
+                hint=f"inspect {self.work}, then remove it and run the restore again",
+            ) from None
+        return data if isinstance(data, dict) else None
+
+    def write(self, set_id: str, phase: str, root: dict[str, int] | None = None) -> None:
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"set_id": set_id, "phase": phase, "root": root}))
+        os.replace(temporary, self.path)
+        _fsync_directory(self.work)
+
+    def begin(self, set_id: str) -> None:
+        """Start over with an empty staging directory."""
+        self.target.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(mode=0o700, exist_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(self.old, ignore_errors=True)
+        self.staging.mkdir(mode=0o700)
+        self.write(set_id, "extracting")
+
+    def swap(self, set_id: str, root: dict[str, int] | None, keep: Sequence[str]) -> None:
+        """Replace the live contents with staging, carrying the paths in keep across unchanged."""
+        journal = self.read() or {}
+        phase = journal.get("phase", "carrying")
+        root = root if root is not None else journal.get("root")
+        if phase in ("extracting", "carrying"):
+            self.write(set_id, "carrying", root)
+            for relative in keep:
+                self._carry(relative)
+            phase = "clearing"
+        if phase == "clearing":
+            self.write(set_id, "clearing", root)
+            self.old.mkdir(mode=0o700, exist_ok=True)
+            for entry in os.listdir(self.target):
+                if entry != WORK_DIR:
+                    os.rename(self.target / entry, self.old / entry)
+            phase = "installing"
+        if phase == "installing":
+            self.write(set_id, "installing", root)
+            for entry in os.listdir(self.staging):
+                os.rename(self.staging / entry, self.target / entry)
+        if root:
+            os.lchown(self.target, root["uid"], root["gid"])
+            os.chmod(self.target, root["mode"])
+            os.utime(self.target, (root["mtime"], root["mtime"]))
+        shutil.rmtree(self.work)
+        _fsync_directory(self.target)
+
+    def _carry(self, relative: str) -> None:
+        source = self.target / relative
+        destination = self.staging / relative
+        if not os.path.lexists(source):
+            return
+        if os.path.lexists(destination):  # the live copy of an excluded path wins over an archived one
+            shutil.rmtree(
+                destination
+            ) if destination.is_dir() and not destination.is_symlink() else destination.unlink()
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(source, destination)
+
+
+def root_attributes(member: tarfile.TarInfo | None) -> dict[str, int] | None:
+    if member is None:
+        return None
+    return {"uid": member.uid, "gid": member.gid, "mode": stat.S_IMODE(member.mode), "mtime": int(member.mtime)}
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

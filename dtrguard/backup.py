@@ -1,0 +1,131 @@
+"""Take one backup set: every directory, the roles and every database, then the manifest.
+
+The manifest goes up last, so a failure at any step leaves no set: the artifacts already
+uploaded for it are deleted and earlier sets are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from dtrguard import __version__, log
+from dtrguard.archive import write_archive
+from dtrguard.manifest import Artifact, Manifest, new_set_id, utc_now
+from dtrguard.node import Node
+from dtrguard.postgres import Postgres
+from dtrguard.repository import ArtifactUpload
+
+_log = log.get("backup")
+
+
+def take_backup(node: Node, instance_id: str, cancel: threading.Event) -> Manifest:
+    """Upload a complete backup set and return its manifest."""
+    started = utc_now()
+    set_id = new_set_id(started)
+    clock = time.monotonic()
+    _log.info("backup.start", set_id=set_id)
+    uploader = _SetUploader(node, set_id, cancel)
+    try:
+        manifest = _take(node, instance_id, started.isoformat(), uploader)
+    except BaseException:
+        uploader.delete_uploaded()
+        raise
+    _log.info(
+        "backup.end",
+        set_id=set_id,
+        seconds=round(time.monotonic() - clock, 2),
+        bytes=manifest.total_size(),
+        artifacts=len(manifest.artifacts),
+        rows=manifest.total_rows(),
+    )
+    return manifest
+
+
+def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader) -> Manifest:
+    containers = node.dtr.describe()
+    pg = node.postgres
+    pg.wait_ready()
+    server_version, server_version_num = pg.server_version()
+    dump_tool = pg.dump_tool_version()
+    databases = pg.databases()
+    row_counts = {name: pg.row_counts(name) for name in databases}
+
+    artifacts: list[Artifact] = []
+    for directory in node.settings.directories:
+        produce = functools.partial(_archive, directory.path, node.excludes(directory))
+        artifacts.append(uploader.upload(f"{directory.name}.tar.zst", "directory", str(directory.path), produce))
+
+    artifacts.append(uploader.upload("globals.sql.zst", "globals", "", lambda out: pg.dump_globals(out.write)))
+    for name, owner in databases.items():
+        produce = functools.partial(_dump, pg, name)
+        artifact = uploader.upload(f"db-{name}.dump.zst", "database", name, produce)
+        artifacts.append(dataclasses.replace(artifact, owner=owner))
+
+    manifest = Manifest(
+        set_id=uploader.set_id,
+        started_at=started_at,
+        finished_at=utc_now().isoformat(),
+        instance_id=instance_id,
+        dtrguard_version=__version__,
+        artifacts=tuple(artifacts),
+        containers=containers,
+        dtr_version=node.dtr.version(containers),
+        postgres_server_version=server_version,
+        postgres_server_version_num=server_version_num,
+        dump_tool_version=dump_tool,
+        row_counts=row_counts,
+    )
+    node.repository.put_manifest(manifest)
+    return manifest
+
+
+def _archive(path: Path, excludes: list[str], out: ArtifactUpload) -> None:
+    stats = write_archive(path, excludes, out)
+    if stats.skipped:
+        _log.warning("archive.skipped", directory=str(path), count=len(stats.skipped), paths=stats.skipped[:20])
+
+
+def _dump(pg: Postgres, database: str, out: ArtifactUpload) -> None:
+    pg.dump_database(database, out.write)
+
+
+class _SetUploader:
+    """Uploads the artifacts of one set and remembers them, to delete them if the set fails."""
+
+    def __init__(self, node: Node, set_id: str, cancel: threading.Event):
+        self.repository = node.repository
+        self.set_id = set_id
+        self.cancel = cancel
+        self.uploaded: list[str] = []
+
+    def upload(self, name: str, kind: str, source: str, produce: Callable[[ArtifactUpload], object]) -> Artifact:
+        upload = self.repository.upload(self.set_id, name, self.cancel)
+        clock = time.monotonic()
+        _log.info("artifact.start", set_id=self.set_id, artifact=name)
+        try:
+            produce(upload)
+            size, sha256, raw_size = upload.finish()
+        except BaseException:
+            upload.abort()
+            raise
+        self.uploaded.append(upload.key)
+        seconds = round(time.monotonic() - clock, 2)
+        _log.info("artifact.end", set_id=self.set_id, artifact=name, bytes=size, raw_bytes=raw_size, seconds=seconds)
+        return Artifact(
+            name=name, kind=kind, key=upload.key, size=size, sha256=sha256, raw_size=raw_size, source=source
+        )
+
+    def delete_uploaded(self) -> None:
+        """Delete the artifacts of a set that will never get a manifest."""
+        for key in self.uploaded:
+            try:
+                self.repository.client.delete_object(Bucket=self.repository.bucket, Key=key)
+            except (ClientError, BotoCoreError) as exc:
+                _log.warning("artifact.delete_failed", key=key, error=str(exc))

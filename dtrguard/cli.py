@@ -1,0 +1,159 @@
+"""The `dtrguard` command: argument parsing, logging set-up and exit codes.
+
+Exit codes: 0 success, 1 failure, 2 invalid config or usage, 3 refused because the action
+would overwrite live data (systemd must not restart on 2 or 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from dtrguard import __version__, config, log, state
+from dtrguard.errors import EXIT_FAILURE, EXIT_OK, DtrguardError, RefusedError
+from dtrguard.manifest import Manifest, utc_now
+from dtrguard.restore import describe_plan
+from dtrguard.service import Agent
+
+_log = log.get("cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtrguard", description="Back up a DTR 1.4 node to S3 and restore it.")
+    parser.add_argument("--version", action="version", version=f"dtrguard {__version__}")
+    parser.add_argument("--config", help=f"config file (default ${config.ENV_PATH} or {config.DEFAULT_PATH})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", help="serve: first-boot restore, then scheduled backups (what systemd runs)")
+    commands.add_parser("backup", help="take one backup set now")
+    restore = commands.add_parser("restore", help="restore a backup set onto this node")
+    restore.add_argument("set", nargs="?", default="latest", help="a set id or 'latest' (default)")
+    restore.add_argument("--force", action="store_true", help="restore even though the node has DTR data")
+    restore.add_argument("--dry-run", action="store_true", help="print what would be restored; change nothing")
+    listing = commands.add_parser("list", help="list complete backup sets, oldest first")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    verify = commands.add_parser("verify", help="download a set and check every artifact's size and sha256")
+    verify.add_argument("set", nargs="?", default="latest", help="a set id or 'latest' (default)")
+    status = commands.add_parser("status", help="print this node's state: instance, last backup, next run")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # The daemon logs to stdout for journald; one-shot commands keep stdout for their output.
+    log.configure(stream=sys.stdout if args.command == "run" else sys.stderr, verbose=args.verbose)
+    try:
+        settings = config.load(config.config_path(args.config))
+        agent = Agent(settings)
+        handler = COMMANDS[args.command]
+        handler(agent, args)
+    except DtrguardError as exc:
+        _log.error("command.failed", command=args.command, error=exc.message, detail=exc.detail, hint=exc.hint)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _run(agent: Agent, args: argparse.Namespace) -> None:
+    agent.run()
+
+
+def _backup(agent: Agent, args: argparse.Namespace) -> None:
+    agent.identify()
+    node = agent.connect()
+    if not node.has_data():
+        raise RefusedError(
+            "this node has no DTR data, so a backup would store an empty node as the newest set",
+            hint="restore the node first, or run the backup on the node that has the data",
+        )
+    manifest = agent.backup()
+    print(manifest.set_id)
+
+
+def _find(agent: Agent, set_ref: str) -> Manifest:
+    manifest = agent.connect().repository.find(set_ref)
+    if manifest is None:
+        raise DtrguardError(
+            f"no complete backup set {set_ref!r} in the repository",
+            hint="run `dtrguard list` to see the sets that can be restored",
+        )
+    return manifest
+
+
+def _restore(agent: Agent, args: argparse.Namespace) -> None:
+    agent.identify()
+    manifest = _find(agent, args.set)
+    node = agent.connect()
+    has_data = node.has_data()
+    if args.dry_run:
+        print("\n".join(describe_plan(node, manifest)))
+        print("node has DTR data: " + ("yes (needs --force)" if has_data else "no"))
+        return
+    if has_data and not args.force:
+        raise RefusedError(
+            f"node has DTR data; restoring set {manifest.set_id} would overwrite it",
+            hint="add --force to replace this node's data with the backup",
+        )
+    agent.restore(manifest)
+    print(manifest.set_id)
+
+
+def _list(agent: Agent, args: argparse.Namespace) -> None:
+    manifests = agent.connect().repository.manifests()
+    if args.json:
+        rows = [
+            {"set_id": m.set_id, "finished_at": m.finished_at, "instance_id": m.instance_id,
+             "bytes": m.total_size(), "rows": m.total_rows(), "dtr_version": m.dtr_version,
+             "postgres_version": m.postgres_server_version}
+            for m in manifests
+        ]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return
+    for m in manifests:
+        print(f"{m.set_id}  {m.finished_at}  {m.total_size():>12} B  {m.instance_id}  DTR {m.dtr_version or '?'}")
+
+
+def _verify(agent: Agent, args: argparse.Namespace) -> None:
+    manifest = _find(agent, args.set)
+    repository = agent.connect().repository
+    for artifact in manifest.artifacts:
+        repository.verify(artifact, agent.cancel)
+        _log.info("artifact.verified", set_id=manifest.set_id, artifact=artifact.name, bytes=artifact.size)
+    print(f"{manifest.set_id}: {len(manifest.artifacts)} artifacts verified")
+
+
+def _status(agent: Agent, args: argparse.Namespace) -> None:
+    current = state.load(agent.settings.node.state_dir)
+    report: dict[str, Any] = asdict(current) if current else {"instance_id": None, "established": False}
+    last = current.last_backup if current else None
+    if last is not None:
+        report["last_backup_age_seconds"] = round((utc_now() - datetime.fromisoformat(last.at)).total_seconds())
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    for key in ("instance_id", "established", "restored_set", "restoring_set", "next_run", "last_error"):
+        print(f"{key}: {report.get(key)}")
+    if last is not None:
+        print(f"last_backup: {last.result} {last.set_id or '-'} at {last.at}"
+              f" ({report['last_backup_age_seconds']} s ago, {last.size} bytes)")  # fmt: skip
+
+
+COMMANDS = {
+    "run": _run,
+    "backup": _backup,
+    "restore": _restore,
+    "list": _list,
+    "verify": _verify,
+    "status": _status,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

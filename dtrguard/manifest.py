@@ -1,0 +1,153 @@
+"""The manifest: the record that makes a backup set exist.
+
+It is written last, after every artifact is uploaded, and lists each artifact's key, size and
+sha256 so that a restore can prove it got the bytes the backup wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from dtrguard.errors import IntegrityError
+
+FORMAT = 1
+KINDS = ("directory", "globals", "database")
+
+
+def new_set_id(now: datetime) -> str:
+    """Return a set id that sorts by time: 20261204T170102Z-3f9a1c2e."""
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One uploaded object of a set: a directory archive, the roles, or one database dump."""
+
+    name: str
+    kind: str
+    key: str
+    size: int
+    sha256: str
+    raw_size: int
+    source: str  # the directory path, or the database name; empty for globals
+    owner: str = ""  # the database's owner role; empty for other kinds
+    compression: str = "zstd"
+
+
+@dataclass(frozen=True)
+class Container:
+    """A DTR container as it ran when the set was taken."""
+
+    name: str
+    image: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to trust and restore one backup set."""
+
+    set_id: str
+    started_at: str
+    finished_at: str
+    instance_id: str
+    dtrguard_version: str
+    artifacts: tuple[Artifact, ...]
+    containers: tuple[Container, ...]
+    dtr_version: str | None
+    postgres_server_version: str
+    postgres_server_version_num: int
+    dump_tool_version: str
+    row_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    format: int = FORMAT
+
+    @property
+    def finished(self) -> datetime:
+        return datetime.fromisoformat(self.finished_at)
+
+    @property
+    def postgres_major(self) -> int:
+        return major_key(self.postgres_server_version_num)
+
+    def total_rows(self) -> int:
+        return sum(sum(tables.values()) for tables in self.row_counts.values())
+
+    def total_size(self) -> int:
+        return sum(artifact.size for artifact in self.artifacts)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+
+
+def major_key(version_num: int) -> int:
+    """Return a number that orders Postgres majors: 90401 (9.4) gives 904, 150018 (15) gives 1500."""
+    return version_num // 10000 * 100 if version_num >= 100000 else version_num // 100
+
+
+def parse(data: bytes, key: str) -> Manifest:
+    """Parse and validate a manifest read from key; raise IntegrityError naming the bad field."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"manifest {key} is not valid JSON: {exc}", hint="delete or repair the object") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"manifest {key} is not a JSON object", hint="delete or repair the object")
+    try:
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format {doc.get('format')!r} (this dtrguard reads format {FORMAT})")
+        artifacts = tuple(_artifact(item) for item in doc["artifacts"])
+        containers = tuple(Container(**_fields(item, Container)) for item in doc["containers"])
+        manifest = Manifest(
+            **{k: doc[k] for k in _SCALARS},
+            dtr_version=doc.get("dtr_version"),
+            artifacts=artifacts,
+            containers=containers,
+            row_counts=_row_counts(doc["row_counts"]),
+        )
+        manifest.finished  # noqa: B018 - validates the timestamp
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(
+            f"manifest {key} is invalid: {exc!r}", hint="delete or repair the object; other sets stay usable"
+        ) from None
+    if not artifacts:
+        raise IntegrityError(f"manifest {key} lists no artifacts", hint="delete the object")
+    return manifest
+
+
+_SCALARS = (
+    "set_id", "started_at", "finished_at", "instance_id", "dtrguard_version",
+    "postgres_server_version", "postgres_server_version_num", "dump_tool_version",
+)  # fmt: skip
+
+
+def _fields(item: Any, cls: type) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise TypeError(f"{cls.__name__} entry is not an object: {item!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in item.items() if k in names}
+
+
+def _artifact(item: Any) -> Artifact:
+    artifact = Artifact(**_fields(item, Artifact))
+    if artifact.kind not in KINDS:
+        raise ValueError(f"artifact {artifact.name!r} has unknown kind {artifact.kind!r}")
+    if not isinstance(artifact.size, int) or artifact.size < 0:
+        raise ValueError(f"artifact {artifact.name!r} has invalid size {artifact.size!r}")
+    if not isinstance(artifact.sha256, str) or len(artifact.sha256) != 64:
+        raise ValueError(f"artifact {artifact.name!r} has invalid sha256 {artifact.sha256!r}")
+    return artifact
+
+
+def _row_counts(value: Any) -> dict[str, dict[str, int]]:
+    if not isinstance(value, dict):
+        raise TypeError("row_counts is not an object")
+    return {str(db): {str(t): int(n) for t, n in tables.items()} for db, tables in value.items()}

@@ -1,0 +1,142 @@
+"""DTR's Postgres, reached only through `docker exec`, never by a container address.
+
+Dumps use pg_dump's custom format without its own compression (zstd compresses the stream);
+restores run pg_restore with --clean --if-exists --single-transaction, so a restore is all or
+nothing and running it again gives the same rows, not duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from dtrguard import log
+from dtrguard.config import PostgresSettings
+from dtrguard.dockerexec import Exec, Result
+from dtrguard.errors import CommandError, DtrguardError
+
+_log = log.get("postgres")
+
+# Row counts of every user table, with no function created in the database: query_to_xml runs
+# count(*) per table (available since Postgres 8.3).
+_ROW_COUNTS_SQL = """
+select table_schema || '.' || table_name,
+       (xpath('/row/c/text()', query_to_xml(format('select count(*) as c from %I.%I',
+              table_schema, table_name), false, true, '')))[1]::text
+from information_schema.tables
+where table_type = 'BASE TABLE' and table_schema not in ('pg_catalog', 'information_schema')
+order by 1
+"""
+_CREATE_ROLE = re.compile(rb"^CREATE ROLE (.+);$", re.MULTILINE)
+
+
+class Postgres:
+    """Dump and restore DTR's databases in the configured container."""
+
+    def __init__(self, settings: PostgresSettings, runner: Exec):
+        self.settings = settings
+        self.exec = runner
+        self.container = settings.container
+
+    def _psql(self, sql: str, database: str = "postgres") -> Result:
+        command = ["psql", "-X", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-U", self.settings.user]
+        return self.exec.run(self.container, [*command, "-d", database, "-c", sql])
+
+    def query(self, sql: str, database: str = "postgres") -> list[list[str]]:
+        """Run one SQL statement and return its rows as lists of text fields."""
+        result = self._psql(sql, database).check(f"psql in {self.container}")
+        lines = result.stdout.decode().splitlines()
+        return [line.split("\t") for line in lines if line]
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the server accepts queries, or raise after timeout seconds."""
+        limit = timeout or self.settings.ready_timeout
+        deadline = time.monotonic() + limit
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                result = self._psql("select 1")
+                if result.exit_code == 0:
+                    return
+                last = result.stderr.decode(errors="replace").strip()
+            except DtrguardError as exc:
+                last = str(exc)
+            time.sleep(0.5)
+        raise DtrguardError(
+            f"Postgres in {self.container} did not accept connections within {limit:.0f} s",
+            detail=last or None,
+            hint=f"check `docker logs {self.container}`",
+        )
+
+    def server_version(self) -> tuple[str, int]:
+        rows = self.query("select current_setting('server_version'), current_setting('server_version_num')")
+        return rows[0][0], int(rows[0][1])
+
+    def dump_tool_version(self) -> str:
+        return (
+            self.exec.run(self.container, ["pg_dump", "--version"]).check("pg_dump --version").stdout.decode().strip()
+        )
+
+    def databases(self) -> dict[str, str]:
+        """Return every non-template database that accepts connections, with its owner."""
+        rows = self.query(
+            "select datname, pg_get_userbyid(datdba) from pg_database"
+            " where not datistemplate and datallowconn order by 1"
+        )
+        return {name: owner for name, owner in rows}
+
+    def row_counts(self, database: str) -> dict[str, int]:
+        return {table: int(count) for table, count in self.query(_ROW_COUNTS_SQL, database)}
+
+    def dump_globals(self, sink: Callable[[bytes], Any]) -> None:
+        """Stream the roles and tablespaces (pg_dumpall --globals-only) to sink."""
+        command = ["pg_dumpall", "--globals-only", "-U", self.settings.user]
+        self.exec.stream_out(self.container, command, sink).check(f"pg_dumpall in {self.container}")
+
+    def dump_database(self, database: str, sink: Callable[[bytes], Any]) -> None:
+        """Stream one database in custom format, uncompressed, to sink."""
+        command = ["pg_dump", "-Fc", "-Z0", "-U", self.settings.user, "-d", database]
+        self.exec.stream_out(self.container, command, sink).check(f"pg_dump of database {database} in {self.container}")
+
+    def restore_globals(self, source: IO[bytes]) -> None:
+        """Apply a globals dump in one transaction; roles that already exist are altered, not recreated."""
+        sql = _CREATE_ROLE.sub(
+            rb"DO $dtrguard$BEGIN CREATE ROLE \1; EXCEPTION WHEN duplicate_object THEN NULL; END$dtrguard$;",
+            source.read(),
+        )
+        command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-U", self.settings.user]
+        _run_input(self.exec, self.container, [*command, "-d", "postgres"], io.BytesIO(sql), "restore of roles")
+
+    def ensure_database(self, database: str, owner: str) -> None:
+        """Create the database if it is missing, and give it its recorded owner."""
+        if not self.query(f"select 1 from pg_database where datname = {_literal(database)}"):
+            self._psql(f"create database {_ident(database)} template template0").check(f"create database {database}")
+        self._psql(f"alter database {_ident(database)} owner to {_ident(owner)}").check(f"alter owner of {database}")
+
+    def restore_database(self, database: str, source: IO[bytes]) -> None:
+        """Restore a custom-format dump into database, all or nothing."""
+        command = [
+            "pg_restore", "--clean", "--if-exists", "--single-transaction", "--exit-on-error",
+            "-U", self.settings.user, "-d", database,
+        ]  # fmt: skip
+        _run_input(self.exec, self.container, command, source, f"pg_restore of database {database}")
+
+
+def _run_input(runner: Exec, container: str, command: list[str], source: IO[bytes], what: str) -> None:
+    result = runner.stream_in(container, command, source)
+    if result.exit_code != 0:
+        raise CommandError(
+            f"{what} in {container} failed with exit code {result.exit_code}; the transaction was rolled back",
+            detail=result.stderr.decode(errors="replace").strip()[-2000:] or None,
+        )
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"

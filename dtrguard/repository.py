@@ -1,0 +1,323 @@
+"""Backup sets in S3: layout, streaming uploads, verified downloads and listing.
+
+Layout under the configured prefix:
+    sets/<set id>/<artifact>       artifacts, each a zstd stream
+    manifests/<set id>.json        written last with If-None-Match: *, so it is never replaced
+
+A set exists only once its manifest does: listing reads manifests/ alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections.abc import Iterator
+from typing import IO, Any, cast
+
+import boto3
+import zstandard
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from dtrguard import log
+from dtrguard.config import S3Settings
+from dtrguard.errors import Aborted, IntegrityError, RepositoryUnavailable
+from dtrguard.manifest import Artifact, Manifest, parse
+
+_log = log.get("repository")
+DOWNLOAD_CHUNK = 1024 * 1024
+
+
+def make_client(settings: S3Settings) -> Any:
+    """Build an S3 client with botocore's standard retries and the configured timeouts."""
+    config = Config(
+        region_name=settings.region,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        s3={"addressing_style": "path"} if settings.endpoint_url else {},
+    )
+    return boto3.session.Session().client("s3", endpoint_url=settings.endpoint_url, config=config)
+
+
+def unavailable(action: str, exc: Exception) -> RepositoryUnavailable:
+    """Wrap a botocore error in RepositoryUnavailable with the error code and a hint."""
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "unknown")
+        detail = f"S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}".strip()
+    else:
+        detail = f"{type(exc).__name__}: {exc}"
+    return RepositoryUnavailable(
+        f"S3 {action} failed",
+        detail=detail,
+        hint="check the endpoint, the bucket name and the instance's credentials; dtrguard retries",
+    )
+
+
+class Repository:
+    """The backup sets under one bucket and prefix."""
+
+    def __init__(self, settings: S3Settings, client: Any | None = None):
+        self.settings = settings
+        self.client = client or make_client(settings)
+        self.bucket = settings.bucket
+        self.prefix = settings.prefix
+
+    def artifact_key(self, set_id: str, name: str) -> str:
+        return f"{self.prefix}/sets/{set_id}/{name}"
+
+    def manifest_key(self, set_id: str) -> str:
+        return f"{self.prefix}/manifests/{set_id}.json"
+
+    def _encryption(self) -> dict[str, str]:
+        if not self.settings.kms_key_id:
+            return {}
+        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_id}
+
+    def upload(self, set_id: str, name: str, cancel: threading.Event) -> ArtifactUpload:
+        """Start a streaming upload of one artifact; write raw bytes, then call finish()."""
+        return ArtifactUpload(self, self.artifact_key(set_id, name), cancel)
+
+    def put_manifest(self, manifest: Manifest) -> None:
+        """Write the manifest; fail if one already exists for the set id."""
+        key = self.manifest_key(manifest.set_id)
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=manifest.to_json(),
+                ContentType="application/json",
+                IfNoneMatch="*",
+                **self._encryption(),
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                raise IntegrityError(f"manifest {key} already exists; it was not replaced") from None
+            raise unavailable(f"write of {key}", exc) from None
+        except BotoCoreError as exc:
+            raise unavailable(f"write of {key}", exc) from None
+
+    def manifest_keys(self) -> list[str]:
+        """List manifest keys; raise RepositoryUnavailable, never return [] on failure."""
+        keys: list[str] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/manifests/"):
+                keys.extend(item["Key"] for item in page.get("Contents", []) if item["Key"].endswith(".json"))
+        except (ClientError, BotoCoreError) as exc:
+            raise unavailable(f"listing of s3://{self.bucket}/{self.prefix}/manifests/", exc) from None
+        return keys
+
+    def read_manifest(self, key: str) -> Manifest:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise unavailable(f"read of {key}", exc) from None
+        manifest = parse(body, key)
+        if self.manifest_key(manifest.set_id) != key:
+            raise IntegrityError(f"manifest {key} names set {manifest.set_id!r}", hint="delete or repair the object")
+        return manifest
+
+    def manifests(self) -> list[Manifest]:
+        """Return every readable manifest, oldest first by the manifest's own finish time.
+
+        A manifest that fails validation is logged and left out, so one damaged set never
+        hides the others.
+        """
+        found = []
+        for key in self.manifest_keys():
+            try:
+                found.append(self.read_manifest(key))
+            except IntegrityError as exc:
+                _log.error("manifest.invalid", key=key, error=str(exc))
+        return sorted(found, key=lambda m: (m.finished, m.set_id))
+
+    def find(self, set_ref: str) -> Manifest | None:
+        """Return the manifest named by set_ref ("latest" or a set id), or None."""
+        if set_ref == "latest":
+            manifests = self.manifests()
+            return manifests[-1] if manifests else None
+        key = self.manifest_key(set_ref)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise unavailable(f"read of {key}", exc) from None
+        except BotoCoreError as exc:
+            raise unavailable(f"read of {key}", exc) from None
+        return self.read_manifest(key)
+
+    def open(self, artifact: Artifact) -> io.BufferedReader:
+        """Open an artifact for reading: decompressed bytes, checked against the manifest."""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=artifact.key)["Body"]
+        except (ClientError, BotoCoreError) as exc:
+            raise unavailable(f"read of {artifact.key}", exc) from None
+        verified = VerifiedStream(body.iter_chunks(DOWNLOAD_CHUNK), artifact)
+        reader = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], verified), read_across_frames=True)
+        return io.BufferedReader(reader, buffer_size=DOWNLOAD_CHUNK)
+
+    def verify(self, artifact: Artifact, cancel: threading.Event | None = None) -> None:
+        """Download an artifact whole and check its size, sha256 and zstd framing."""
+        with self.open(artifact) as reader:
+            while reader.read(DOWNLOAD_CHUNK):
+                if cancel is not None and cancel.is_set():
+                    raise Aborted(f"verification of {artifact.key} stopped on request")
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError) as exc:
+            _log.error("upload.abort_failed", key=key, error=str(exc))
+
+
+class ArtifactUpload:
+    """A zstd-compressing, hashing, multipart upload fed by write().
+
+    Memory stays at about one part (S3Settings.part_size) whatever the artifact's size. A
+    stream shorter than one part goes up with a single PutObject. Any failure, or cancel being
+    set, aborts the multipart upload so no orphaned parts remain.
+    """
+
+    def __init__(self, repository: Repository, key: str, cancel: threading.Event):
+        self.repository = repository
+        self.client = repository.client
+        self.key = key
+        self.cancel = cancel
+        self.part_size = repository.settings.part_size
+        self.compressor = zstandard.ZstdCompressor(level=3).compressobj()
+        self.sha256 = hashlib.sha256()
+        self.buffer = bytearray()
+        self.raw_size = 0
+        self.size = 0
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.cancel.is_set():
+            raise Aborted(f"upload of {self.key} stopped on request")
+        self.raw_size += len(data)
+        self._push(self.compressor.compress(bytes(data)))
+        return len(data)
+
+    def _push(self, compressed: bytes) -> None:
+        if not compressed:
+            return
+        self.sha256.update(compressed)
+        self.size += len(compressed)
+        self.buffer += compressed
+        while len(self.buffer) >= self.part_size:
+            part = bytes(self.buffer[: self.part_size])
+            del self.buffer[: self.part_size]
+            self._upload_part(part)
+
+    def _upload_part(self, part: bytes) -> None:
+        try:
+            if self.upload_id is None:
+                response = self.client.create_multipart_upload(
+                    Bucket=self.repository.bucket, Key=self.key, **self.repository._encryption()
+                )
+                self.upload_id = response["UploadId"]
+            number = len(self.parts) + 1
+            response = self.client.upload_part(
+                Bucket=self.repository.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=part
+            )
+            self.parts.append({"PartNumber": number, "ETag": response["ETag"]})
+        except (ClientError, BotoCoreError) as exc:
+            raise unavailable(f"upload of {self.key}", exc) from None
+        _log.debug("upload.part", key=self.key, part=number, bytes=len(part))
+
+    def finish(self) -> tuple[int, str, int]:
+        """Flush, complete the upload and return (size, sha256, raw size)."""
+        if self.cancel.is_set():
+            raise Aborted(f"upload of {self.key} stopped on request")
+        self._push(self.compressor.flush())
+        try:
+            if self.upload_id is None:
+                self.client.put_object(
+                    Bucket=self.repository.bucket,
+                    Key=self.key,
+                    Body=bytes(self.buffer),
+                    **self.repository._encryption(),
+                )
+            else:
+                if self.buffer:
+                    self._upload_part(bytes(self.buffer))
+                self.client.complete_multipart_upload(
+                    Bucket=self.repository.bucket,
+                    Key=self.key,
+                    UploadId=self.upload_id,
+                    MultipartUpload={"Parts": self.parts},
+                )
+        except (ClientError, BotoCoreError) as exc:
+            raise unavailable(f"upload of {self.key}", exc) from None
+        self.buffer = bytearray()
+        return self.size, self.sha256.hexdigest(), self.raw_size
+
+    def abort(self) -> None:
+        """Abort the multipart upload if one was started."""
+        if self.upload_id is not None:
+            self.repository.abort_upload(self.key, self.upload_id)
+            self.upload_id = None
+
+
+class VerifiedStream(io.RawIOBase):
+    """Raw bytes of an object, checked against the manifest's size and sha256.
+
+    The newest chunk is held back until the next one arrives, and the last chunk is released
+    only after the whole object matched. A reader such as pg_restore therefore never sees the
+    end of a stream that failed its check, and fails on the truncated input instead.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], artifact: Artifact):
+        self.chunks = chunks
+        self.artifact = artifact
+        self.sha256 = hashlib.sha256()
+        self.received = 0
+        self.held = b""
+        self.ready = memoryview(b"")
+        self.done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.ready and not self.done:
+            self._advance()
+        count = min(len(buffer), len(self.ready))
+        buffer[:count] = self.ready[:count]
+        self.ready = self.ready[count:]
+        return count
+
+    def _advance(self) -> None:
+        try:
+            chunk = next(self.chunks, None)
+        except (BotoCoreError, OSError) as exc:
+            raise unavailable(f"read of {self.artifact.key}", exc) from None
+        if chunk is None:
+            self._check_complete()
+            self.ready, self.held, self.done = memoryview(self.held), b"", True
+            return
+        self.sha256.update(chunk)
+        self.received += len(chunk)
+        if self.received > self.artifact.size:
+            raise IntegrityError(
+                f"artifact {self.artifact.key} is larger than its manifest says ({self.artifact.size} bytes)",
+                hint="the object was changed after the backup; restore another set",
+            )
+        self.ready, self.held = memoryview(self.held), chunk
+
+    def _check_complete(self) -> None:
+        if self.received != self.artifact.size:
+            raise IntegrityError(
+                f"artifact {self.artifact.key} has {self.received} bytes, its manifest says {self.artifact.size}",
+                hint="the object was changed or truncated after the backup; restore another set",
+            )
+        if self.sha256.hexdigest() != self.artifact.sha256:
+            raise IntegrityError(
+                f"artifact {self.artifact.key} fails its sha256 check",
+                detail=f"expected {self.artifact.sha256}, got {self.sha256.hexdigest()}",
+                hint="the object was changed after the backup; restore another set",
+            )

@@ -1,0 +1,130 @@
+"""Restore one backup set onto this node, in the order DTR needs.
+
+1. Check the set's Postgres major against the running server, if there is one.
+2. Stop DTR's containers except Postgres.
+3. Restore each directory: extract into staging, verify, then swap in.
+4. Install DTR if its containers do not exist yet, and stop all but Postgres again.
+5. Wait for Postgres, check its major, restore the roles, then each database.
+6. Start DTR's containers in order and wait until they run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from dtrguard import log
+from dtrguard.archive import SwapJournal, excluded_paths, extract_archive, root_attributes
+from dtrguard.config import DirectorySettings
+from dtrguard.errors import Aborted, IntegrityError, RefusedError
+from dtrguard.manifest import Artifact, Manifest, major_key
+from dtrguard.node import Node
+
+_log = log.get("restore")
+
+
+def restore_set(node: Node, manifest: Manifest, cancel: threading.Event) -> None:
+    """Restore every artifact of manifest and start DTR."""
+    set_id = manifest.set_id
+    clock = time.monotonic()
+    _log.info("restore.start", set_id=set_id, bytes=manifest.total_size(), instance_id=manifest.instance_id)
+    postgres = node.dtr.postgres()
+    if postgres is not None and postgres.status == "running":
+        check_postgres_version(node, manifest)
+
+    node.dtr.stop_all_but_postgres()
+    for directory in node.settings.directories:
+        _checkpoint(cancel, set_id)
+        restore_directory(node, manifest, directory)
+
+    if not node.dtr.containers():
+        node.dtr.install(manifest.dtr_version)
+        node.dtr.stop_all_but_postgres()
+    node.dtr.start_postgres()
+    node.postgres.wait_ready()
+    check_postgres_version(node, manifest)
+    _checkpoint(cancel, set_id)
+    restore_database(node, manifest)
+
+    node.dtr.start_all()
+    _log.info("restore.end", set_id=set_id, seconds=round(time.monotonic() - clock, 2))
+
+
+def _checkpoint(cancel: threading.Event, set_id: str) -> None:
+    if cancel.is_set():
+        raise Aborted(f"restore of set {set_id} stopped on request; starting dtrguard again resumes it")
+
+
+def _artifact(manifest: Manifest, kind: str, source: str) -> Artifact:
+    for artifact in manifest.artifacts:
+        if artifact.kind == kind and artifact.source == source:
+            return artifact
+    raise IntegrityError(
+        f"set {manifest.set_id} has no {kind} artifact for {source or 'the roles'}",
+        hint="restore a set taken with the same [[directories]] config, or fix the config",
+    )
+
+
+def check_postgres_version(node: Node, manifest: Manifest) -> None:
+    """Refuse a dump from a newer Postgres major than the target server, before any change."""
+    version, version_num = node.postgres.server_version()
+    if major_key(version_num) < manifest.postgres_major:
+        raise RefusedError(
+            f"set {manifest.set_id} was dumped from Postgres {manifest.postgres_server_version},"
+            f" newer than the target server {version}",
+            hint="run DTR's Postgres at the same or a newer major version, or restore an older set",
+        )
+
+
+def restore_directory(node: Node, manifest: Manifest, directory: DirectorySettings) -> None:
+    """Replace a directory's contents with the set's archive; excluded paths stay as they are."""
+    artifact = _artifact(manifest, "directory", str(directory.path))
+    target = directory.path
+    journal = SwapJournal(target)
+    keep = excluded_paths(target, node.excludes(directory))
+    pending = journal.read()
+    if pending and pending.get("phase") != "extracting":
+        _log.warning(
+            "directory.resume", directory=str(target), set_id=pending.get("set_id"), phase=pending.get("phase")
+        )
+        journal.swap(str(pending.get("set_id")), None, keep)
+
+    clock = time.monotonic()
+    _log.info("directory.start", set_id=manifest.set_id, directory=str(target), bytes=artifact.size)
+    journal.begin(manifest.set_id)
+    with node.repository.open(artifact) as stream:
+        stats, root = extract_archive(stream, journal.staging, target)
+    journal.swap(manifest.set_id, root_attributes(root), keep)
+    _log.info(
+        "directory.end", set_id=manifest.set_id, directory=str(target), files=stats.files,
+        bytes=stats.bytes, seconds=round(time.monotonic() - clock, 2),
+    )  # fmt: skip
+
+
+def restore_database(node: Node, manifest: Manifest) -> None:
+    """Restore the roles, then every database, each in one transaction."""
+    clock = time.monotonic()
+    _log.info("database.start", set_id=manifest.set_id)
+    with node.repository.open(_artifact(manifest, "globals", "")) as stream:
+        node.postgres.restore_globals(stream)
+    for artifact in manifest.artifacts:
+        if artifact.kind != "database":
+            continue
+        node.postgres.ensure_database(artifact.source, artifact.owner or node.settings.postgres.user)
+        with node.repository.open(artifact) as stream:
+            node.postgres.restore_database(artifact.source, stream)
+        _log.info("database.restored", set_id=manifest.set_id, database=artifact.source, bytes=artifact.size)
+    _log.info("database.end", set_id=manifest.set_id, seconds=round(time.monotonic() - clock, 2))
+
+
+def describe_plan(node: Node, manifest: Manifest) -> list[str]:
+    """List what restore_set would do, for --dry-run."""
+    lines = [f"restore set {manifest.set_id} ({manifest.total_size()} bytes, finished {manifest.finished_at})"]
+    for artifact in manifest.artifacts:
+        where = artifact.source or "roles"
+        lines.append(f"  {artifact.kind:9} {where}: {artifact.key} ({artifact.size} bytes)")
+    if not node.dtr.containers():
+        command = " ".join(node.settings.dtr.install_command).replace("{version}", manifest.dtr_version or "?")
+        lines.append(f"  install DTR: {command}")
+    lines.append("  start DTR containers: " + ", ".join(node.settings.dtr.start_order))
+    return lines

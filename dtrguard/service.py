@@ -1,0 +1,261 @@
+"""The daemon: decide what a booting node is, restore if it is a replacement, then back up on a schedule.
+
+The first-boot decision, for a node this state file does not already know:
+
+| backups in S3 | node has DTR data | action                                           |
+|---------------|-------------------|--------------------------------------------------|
+| yes           | no                | restore the newest complete set, start DTR       |
+| yes           | yes               | refuse (exit 3): an operator decides             |
+| no            | yes               | first node: take the first backup now            |
+| no            | no                | nothing to do; decide again at each interval     |
+| cannot read   | -                 | retry with capped backoff; never read as "empty" |
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import TypeVar
+
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from dtrguard import log, state
+from dtrguard.backup import take_backup
+from dtrguard.config import Settings
+from dtrguard.errors import Aborted, DtrguardError, RefusedError, RepositoryUnavailable, TransientError
+from dtrguard.instance import instance_id
+from dtrguard.manifest import Manifest, utc_now
+from dtrguard.node import Node
+from dtrguard.notify import notify
+from dtrguard.restore import restore_set
+from dtrguard.state import LastBackup, State
+
+_log = log.get("service")
+T = TypeVar("T")
+
+
+class Agent:
+    """One node's dtrguard: its identity, state file and collaborators."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stop = threading.Event()
+        self.cancel = threading.Event()
+        self.instance_id = ""
+        self.node: Node | None = None
+        self.state = State(instance_id="")
+        self.scheduler: BackgroundScheduler | None = None
+
+    # Start-up
+
+    def identify(self) -> None:
+        """Read the instance id and the state file; forget a state file from another instance."""
+        self.instance_id = instance_id(self.settings.node)
+        found = state.load(self.settings.node.state_dir)
+        if found is not None and found.instance_id != self.instance_id:
+            _log.warning(
+                "state.foreign", recorded_instance_id=found.instance_id, instance_id=self.instance_id,
+                hint="the state file came with the image; this node is treated as new",
+            )  # fmt: skip
+            found = None
+        self.state = found or State(instance_id=self.instance_id)
+
+    def connect(self) -> Node:
+        if self.node is None:
+            self.node = Node.connect(self.settings)
+        return self.node
+
+    def save(self) -> None:
+        state.save(self.settings.node.state_dir, self.state)
+
+    # Actions shared with the one-shot commands
+
+    def restore(self, manifest: Manifest) -> None:
+        """Restore a set, recording it first so an interrupted restore resumes on the next start."""
+        node = self.connect()
+        self.state.restoring_set = manifest.set_id
+        self.state.established = False
+        self.save()
+        restore_set(node, manifest, self.cancel)
+        self.state.restoring_set = None
+        self.state.restored_set = manifest.set_id
+        self.state.established = True
+        self.state.last_error = None
+        self.save()
+
+    def backup(self) -> Manifest:
+        """Take a backup set and record the result in the state file."""
+        node = self.connect()
+        clock = time.monotonic()
+        try:
+            manifest = take_backup(node, self.instance_id, self.cancel)
+        except DtrguardError as exc:
+            self.state.last_backup = LastBackup("failed", utc_now().isoformat(), error=str(exc))
+            self.state.last_error = str(exc)
+            self.save()
+            raise
+        result = LastBackup("ok", manifest.finished_at, manifest.set_id, manifest.total_size(),
+                            round(time.monotonic() - clock, 2))  # fmt: skip
+        self.state.last_backup = self.state.last_good_backup = result
+        self.state.established = True
+        self.state.last_error = None
+        self.save()
+        return manifest
+
+    # The first-boot decision
+
+    def decide(self) -> None:
+        """Act on the decision table in this module's docstring; raise TransientError to be retried."""
+        node = self.connect()
+        if self.state.restoring_set:
+            self._resume(node, self.state.restoring_set)
+            return
+        if self.state.established:
+            _log.info("node.running", instance_id=self.instance_id, restored_set=self.state.restored_set)
+            return
+        keys = node.repository.manifest_keys()
+        manifests = node.repository.manifests() if keys else []
+        if keys and not manifests:
+            raise RepositoryUnavailable(
+                f"the repository has {len(keys)} manifests but none is valid",
+                hint="check the errors above; dtrguard will not treat the repository as empty",
+            )
+        has_data = node.has_data()
+        if manifests and not has_data:
+            _log.info("node.replacement", instance_id=self.instance_id, set_id=manifests[-1].set_id)
+            self.restore(manifests[-1])
+        elif manifests:
+            raise RefusedError(
+                f"node has DTR data and the repository has {len(manifests)} backup sets; nothing was changed",
+                detail=f"newest set {manifests[-1].set_id}",
+                hint="run `dtrguard restore latest --force` to replace this node's data with the backup, or"
+                " `dtrguard backup` to adopt this node's data as the newest set, then start dtrguard again",
+            )
+        elif has_data:
+            _log.info("node.first", instance_id=self.instance_id)
+            self.backup()
+        else:
+            _log.info("node.empty", instance_id=self.instance_id, message="nothing to restore and nothing to protect")
+
+    def _resume(self, node: Node, set_id: str) -> None:
+        _log.warning("restore.resume", set_id=set_id)
+        manifest = node.repository.find(set_id)
+        if manifest is None:
+            raise DtrguardError(
+                f"set {set_id}, whose restore was interrupted, is no longer in the repository",
+                hint="run `dtrguard restore latest --force` to restore another set",
+            )
+        self.restore(manifest)
+
+    # The daemon
+
+    def retry(self, what: str, action: Callable[[], T]) -> T | None:
+        """Run action until it succeeds, backing off on TransientError; None if asked to stop."""
+        delay = self.settings.schedule.retry_initial_delay
+        attempt = 0
+        while not self.stop.is_set():
+            attempt += 1
+            try:
+                return action()
+            except TransientError as exc:
+                _log.warning("retry", action=what, attempt=attempt, delay=delay, error=str(exc))
+            self.stop.wait(delay)
+            delay = min(delay * 2, self.settings.schedule.retry_max_delay)
+        return None
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT. Raises DtrguardError on a failure that ends the service."""
+        self._install_signal_handlers()
+        _log.info("service.start", config=str(self.settings.source))
+        notify(STATUS="starting: deciding whether this node is new")
+        if self.retry("read instance id", self.identify) is None and self.stop.is_set():
+            return
+        try:
+            self.retry("first-boot decision", self.decide)
+        except Aborted as exc:
+            _log.warning("service.aborted", error=str(exc))
+            return
+        if self.stop.is_set():
+            return
+        self._start_scheduler()
+        notify(READY="1", STATUS=self.status_line())
+        self.stop.wait()
+        self._shutdown()
+
+    def tick(self) -> None:
+        """The scheduled job: back up an established node, or decide again for a new one."""
+        if self.stop.is_set():
+            return
+        try:
+            if self.state.established:
+                self.backup()
+            else:
+                self.decide()
+        except RefusedError as exc:
+            _log.error("service.refused", error=str(exc))
+            self.stop.set()
+        except DtrguardError as exc:
+            event = "backup.failed" if self.state.established else "decision.failed"
+            _log.error(event, error=str(exc), instance_id=self.instance_id)
+        finally:
+            self._update_next_run()
+            notify(STATUS=self.status_line())
+
+    def status_line(self) -> str:
+        last = self.state.last_backup
+        if last is None:
+            return "idle; no backup yet"
+        return f"idle; last backup {last.set_id or '-'} {last.result} at {last.at}; next at {self.state.next_run}"
+
+    def _start_scheduler(self) -> None:
+        schedule = self.settings.schedule
+        scheduler = BackgroundScheduler(timezone=UTC)
+        scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+        scheduler.add_job(
+            self.tick,
+            IntervalTrigger(seconds=schedule.interval, timezone=UTC),
+            id="backup",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=max(1, int(schedule.misfire_grace)),
+            next_run_time=datetime.now(UTC) + timedelta(seconds=schedule.interval),
+        )
+        scheduler.start()
+        self.scheduler = scheduler
+        self._update_next_run()
+        _log.info("schedule.start", interval_seconds=schedule.interval, next_run=self.state.next_run)
+
+    def _update_next_run(self) -> None:
+        job = self.scheduler.get_job("backup") if self.scheduler else None
+        self.state.next_run = job.next_run_time.isoformat() if job and job.next_run_time else None
+        if self.state.instance_id and self.state.established:
+            self.save()
+
+    def _on_job_event(self, event: JobEvent) -> None:
+        if event.code == EVENT_JOB_MISSED:
+            _log.warning("backup.missed", scheduled_at=str(event.scheduled_run_time))
+        elif event.code == EVENT_JOB_MAX_INSTANCES:
+            _log.warning("backup.skipped", reason="the previous backup is still running")
+        else:
+            _log.error("backup.crashed", error=repr(getattr(event, "exception", None)))
+
+    def _install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, number: int, frame: FrameType | None) -> None:
+        self.stop.set()
+        self.cancel.set()
+
+    def _shutdown(self) -> None:
+        notify(STOPPING="1", STATUS="stopping")
+        _log.info("service.stopping")
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        _log.info("service.stop")

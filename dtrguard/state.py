@@ -1,0 +1,77 @@
+"""The local state file: which instance this node is, and what it restored and backed up.
+
+A state file written under another instance id was baked into the image by mistake, so the
+node is treated as new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtrguard.errors import DtrguardError
+
+FILE_NAME = "state.json"
+
+
+@dataclass
+class LastBackup:
+    """The outcome of the most recent backup attempt."""
+
+    result: str  # "ok" or "failed"
+    at: str
+    set_id: str | None = None
+    size: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class State:
+    """What this node has done, as recorded in <state_dir>/state.json."""
+
+    instance_id: str
+    established: bool = False  # restored, or backed up its own data: scheduled backups may run
+    restored_set: str | None = None
+    restoring_set: str | None = None  # a restore that started and has not finished
+    last_backup: LastBackup | None = None
+    last_good_backup: LastBackup | None = None
+    last_error: str | None = None
+    next_run: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load(state_dir: Path) -> State | None:
+    """Read the state file, or return None when there is none."""
+    path = state_dir / FILE_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DtrguardError(
+            f"state file {path} is unreadable: {exc}",
+            hint="move it aside; dtrguard then treats the node as new and restores only if it is empty",
+        ) from None
+    try:
+        for key in ("last_backup", "last_good_backup"):
+            if data.get(key):
+                data[key] = LastBackup(**data[key])
+        return State(**data)
+    except TypeError as exc:
+        raise DtrguardError(f"state file {path} has unexpected fields: {exc}", hint="move it aside") from None
+
+
+def save(state_dir: Path, state: State) -> None:
+    """Write the state file atomically (write, fsync, rename)."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / FILE_NAME
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(asdict(state), handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
