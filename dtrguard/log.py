@@ -52,4 +52,4 @@ def configure(stream: TextIO | None = None, verbose: bool = False) -> None:
 
 def get(name: str) -> Any:
     """Return a bound logger whose events carry component=name."""
-    return structlog.get_logger().bind(component=name)
+    return structlog.get_logger(component=name)

@@ -22,6 +22,7 @@ from types import FrameType
 from typing import TypeVar
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
+from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -51,6 +52,7 @@ class Agent:
         self.node: Node | None = None
         self.state = State(instance_id="")
         self.scheduler: BackgroundScheduler | None = None
+        self.job: Job | None = None
 
     # Start-up
 
@@ -217,7 +219,7 @@ class Agent:
         schedule = self.settings.schedule
         scheduler = BackgroundScheduler(timezone=UTC)
         scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
-        scheduler.add_job(
+        self.job = scheduler.add_job(
             self.tick,
             IntervalTrigger(seconds=schedule.interval, timezone=UTC),
             id="backup",
@@ -232,7 +234,9 @@ class Agent:
         _log.info("schedule.start", interval_seconds=schedule.interval, next_run=self.state.next_run)
 
     def _update_next_run(self) -> None:
-        job = self.scheduler.get_job("backup") if self.scheduler else None
+        # The Job object that add_job returned is the one the scheduler updates. Asking the scheduler
+        # for it (get_job) would take a lock that shutdown() holds while it waits for this job.
+        job = self.job
         self.state.next_run = job.next_run_time.isoformat() if job and job.next_run_time else None
         if self.state.instance_id and self.state.established:
             self.save()
