@@ -61,8 +61,13 @@ def make_node(tmp_path: Path, moto_server: MotoServer, bucket: str, dtr_containe
     created: list[DtrNode] = []
 
     def factory(instance_id: str, **options: object) -> DtrNode:
-        node = DtrNode(root=tmp_path / "node", s3_url=options.pop("s3_url", moto_server.url), bucket=bucket,  # type: ignore[arg-type]
-                       instance_id=instance_id, **options)  # type: ignore[arg-type]
+        node = DtrNode(
+            root=tmp_path / "node",
+            s3_url=options.pop("s3_url", moto_server.url),
+            bucket=bucket,  # type: ignore[arg-type]
+            instance_id=instance_id,
+            **options,
+        )  # type: ignore[arg-type]
         node.write_config()
         created.append(node)
         return node

@@ -34,7 +34,10 @@ def install(version: str, etc: Path, var: Path, pg_data: Path) -> None:
         detach=True,
         volumes={str(pg_data): {"bind": PGDATA, "mode": "rw"}},
     )
-    mounts = {str(etc): {"bind": "/usr/local/etc/dtr", "mode": "rw"}, str(var): {"bind": "/var/local/dtr", "mode": "rw"}}
+    mounts = {
+        str(etc): {"bind": "/usr/local/etc/dtr", "mode": "rw"},
+        str(var): {"bind": "/var/local/dtr", "mode": "rw"},
+    }
     for role in APP_ROLES:
         client.containers.run(ensure_app_image(role, version), name=PREFIX + role, detach=True, volumes=mounts)
 

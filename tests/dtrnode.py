@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,7 +82,7 @@ max_attempts = 2
 
 [node]
 instance_id_source = "{source}"
-imds_endpoint = "{self.imds_url or 'http://127.0.0.1:9'}"
+imds_endpoint = "{self.imds_url or "http://127.0.0.1:9"}"
 state_dir = "{self.state_dir}"
 
 [schedule]
@@ -143,7 +144,9 @@ stop_timeout = "5s"
 
     # dtrguard
 
-    def command(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def command(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "dtrguard", "--config", str(self.config_path), *args],
             capture_output=True,
@@ -201,13 +204,17 @@ class Daemon:
         with self.changed:
             return [e for e in self.events if e.get("event") == name]
 
-    def wait_for(self, name: str, count: int = 1, timeout: float = 180, after: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+    def wait_for(
+        self, name: str, count: int = 1, timeout: float = 180, after: Callable[[], bool] | None = None
+    ) -> list[dict[str, Any]]:
         """Wait until `count` events called name arrived; fail with the event log if they do not."""
         deadline = time.monotonic() + timeout
         with self.changed:
             while len(self.named(name)) < count:
                 if self.process.poll() is not None and not self.changed.wait(0.5):
-                    raise AssertionError(f"dtrguard exited ({self.process.returncode}) before {count} {name}:\n{self.dump()}")
+                    raise AssertionError(
+                        f"dtrguard exited ({self.process.returncode}) before {count} {name}:\n{self.dump()}"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(f"timed out waiting for {count} {name} events:\n{self.dump()}")
@@ -242,10 +249,8 @@ def remove_containers() -> None:
     """Remove the DTR-named containers the tests create, by exact name."""
     docker_client = client()
     for name in CONTAINERS:
-        try:
+        with contextlib.suppress(NotFound):
             docker_client.containers.get(name).remove(force=True)
-        except NotFound:
-            pass
 
 
 def container_exec(container: str, command: list[str], user: str = "") -> tuple[int, str]:
@@ -255,7 +260,8 @@ def container_exec(container: str, command: list[str], user: str = "") -> tuple[
 
 def sql(node: DtrNode | None, statement: str, database: str = "postgres") -> str:
     code, output = container_exec(
-        PREFIX + "postgres", ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", database, "-c", statement]
+        PREFIX + "postgres",
+        ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", database, "-c", statement],
     )
     assert code == 0, f"{statement}: {output}"
     return output.strip()
@@ -281,7 +287,9 @@ def write_files(etc: Path, var: Path) -> None:
     """Write DTR-like files with the owners, modes and links a restore must keep."""
     (etc / "ssl").mkdir(parents=True, exist_ok=True)
     (etc / "generatedConfigs").mkdir(exist_ok=True)
-    (etc / "hub.yml").write_text("load_balancer_http_port: 80\nload_balancer_https_port: 443\ndomain_name: dtr.example.com\n")
+    (etc / "hub.yml").write_text(
+        "load_balancer_http_port: 80\nload_balancer_https_port: 443\ndomain_name: dtr.example.com\n"
+    )
     (etc / "storage.yml").write_text("version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: /storage\n")
     (etc / "license.json").write_text(json.dumps({"key_id": "k-123", "expiration": "2027-01-01"}))
     (etc / "ssl" / "server.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
@@ -335,7 +343,12 @@ def table_contents() -> dict[str, str]:
             database,
         ).split()
         for table in tables:
-            digest = sql(None, f"select count(*) || ':' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from {table} t", database)
+            digest = sql(
+                None,
+                f"select count(*) || ':' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '')"
+                f" from {table} t",
+                database,
+            )
             result[f"{database}.{table}"] = digest
     return result
 
@@ -343,5 +356,7 @@ def table_contents() -> dict[str, str]:
 def table_owners() -> dict[str, str]:
     return dict(
         line.split("|")
-        for line in sql(None, "select tablename, tableowner from pg_tables where schemaname = 'public'", "dtr").splitlines()
+        for line in sql(
+            None, "select tablename, tableowner from pg_tables where schemaname = 'public'", "dtr"
+        ).splitlines()
     )

@@ -34,8 +34,7 @@ PG_SHARE_DIR = Path("/usr/share/postgresql/15")
 ZONEINFO_DIR = Path("/usr/share/zoneinfo")
 # glibc 2.36 does not build in C.UTF-8, so initdb needs these locale files.
 C_UTF8_DIR = Path("/usr/lib/locale/C.utf8")
-PG_TOOLS = ("postgres", "initdb", "pg_ctl", "pg_dump", "pg_dumpall",
-            "pg_restore", "psql", "pg_isready")
+PG_TOOLS = ("postgres", "initdb", "pg_ctl", "pg_dump", "pg_dumpall", "pg_restore", "psql", "pg_isready")
 # initdb runs `locale -a` to import the system collations.
 PG_UTILS = ("sh", "sleep", "mkdir", "chmod", "cat", "ls", "rm", "env", "id", "locale")
 APP_UTILS = ("sh", "sleep", "cat", "ls", "date", "mkdir", "rm", "touch", "env")
@@ -58,12 +57,16 @@ exec postgres -D "$PGDATA" -c listen_addresses='*' "$@"
 # The kernel delivers SIGTERM to PID 1 only if it has a handler, so the loop traps
 # it. `wait` returns as soon as a trapped signal arrives.
 _APP_LOOP = "trap 'exit 0' TERM INT; while :; do sleep infinity & wait $!; done"
-_PG_CHANGES = [f"ENV PATH={PG_BIN_DIR}:/usr/local/bin:/usr/bin:/bin",
-               f"ENV PGDATA={PGDATA}", "ENV LANG=C.UTF-8",
-               f"USER {PG_UID}:{PG_UID}", "WORKDIR /var/lib/postgresql",
-               "EXPOSE 5432", f"ENTRYPOINT {json.dumps([PG_ENTRYPOINT])}"]
-_APP_CHANGES = ["ENV PATH=/usr/local/bin:/usr/bin:/bin",
-                f"CMD {json.dumps(['/bin/sh', '-c', _APP_LOOP])}"]
+_PG_CHANGES = [
+    f"ENV PATH={PG_BIN_DIR}:/usr/local/bin:/usr/bin:/bin",
+    f"ENV PGDATA={PGDATA}",
+    "ENV LANG=C.UTF-8",
+    f"USER {PG_UID}:{PG_UID}",
+    "WORKDIR /var/lib/postgresql",
+    "EXPOSE 5432",
+    f"ENTRYPOINT {json.dumps([PG_ENTRYPOINT])}",
+]
+_APP_CHANGES = ["ENV PATH=/usr/local/bin:/usr/bin:/bin", f"CMD {json.dumps(['/bin/sh', '-c', _APP_LOOP])}"]
 _UTIL_PACKAGES = {"sh": "dash", "locale": "libc-bin", "ldd": "libc-bin"}
 _NAME_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -74,8 +77,9 @@ _thread_lock = threading.Lock()
 def _require(path: Path, package: str) -> Path:
     """Return `path`, or raise naming the Debian package that ships it."""
     if not path.exists():
-        raise RuntimeError(f"dtrguard test images: host file {path} is missing; "
-                           f"install it with `apt-get install {package}`")
+        raise RuntimeError(
+            f"dtrguard test images: host file {path} is missing; install it with `apt-get install {package}`"
+        )
     return path
 
 
@@ -88,8 +92,7 @@ def _shared_libs(binaries: Iterable[Path]) -> set[Path]:
     """Return the libraries and loader that `ldd` lists for the binaries."""
     ldd = _host_util("ldd")
     paths = [str(b) for b in binaries]
-    out = subprocess.run([str(ldd), *paths], capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run([str(ldd), *paths], capture_output=True, text=True, check=False).stdout
     libs: set[Path] = set()
     owner = paths[0]
     for line in out.splitlines():
@@ -99,7 +102,8 @@ def _shared_libs(binaries: Iterable[Path]) -> set[Path]:
             raise RuntimeError(
                 f"dtrguard test images: shared library {line.split()[0]} needed by "
                 f"{owner} is missing on this host; reinstall the package that "
-                f"ships it (find it with `dpkg -S {owner}`)")
+                f"ships it (find it with `dpkg -S {owner}`)"
+            )
         else:
             libs.update(Path(w) for w in line.split() if w.startswith("/"))
     return libs
@@ -130,8 +134,9 @@ class _RootFs:
 
         def outside(folder: str, names: list[str]) -> list[str]:
             paths = [os.path.join(folder, n) for n in names]
-            return [os.path.basename(p) for p in paths if os.path.islink(p)
-                    and not os.path.realpath(p).startswith(inside)]
+            return [
+                os.path.basename(p) for p in paths if os.path.islink(p) and not os.path.realpath(p).startswith(inside)
+            ]
 
         shutil.copytree(host, self._dest(host), symlinks=True, ignore=outside)
 
@@ -155,8 +160,7 @@ class _RootFs:
             self.owned[path.lstrip("/")] = uid
 
     def _set_owner(self, info: tarfile.TarInfo) -> tarfile.TarInfo:
-        uid = next((u for p, u in self.owned.items()
-                    if info.name == p or info.name.startswith(p + "/")), 0)
+        uid = next((u for p, u in self.owned.items() if info.name == p or info.name.startswith(p + "/")), 0)
         info.uid = info.gid = uid
         info.uname = info.gname = ""
         return info
@@ -186,8 +190,7 @@ def _populate_postgres(fs: _RootFs) -> None:
     fs.add_tree(_require(PG_SHARE_DIR, "postgresql-15"))
     fs.add_tree(_require(ZONEINFO_DIR / "Etc", "tzdata").parent)
     fs.add_tree(_require(C_UTF8_DIR, "libc-bin"))
-    _base_etc(fs, f"postgres:x:{PG_UID}:{PG_UID}::/var/lib/postgresql:/bin/sh\n",
-              f"postgres:x:{PG_UID}:\n")
+    _base_etc(fs, f"postgres:x:{PG_UID}:{PG_UID}::/var/lib/postgresql:/bin/sh\n", f"postgres:x:{PG_UID}:\n")
     os.symlink("/usr/share/zoneinfo/Etc/UTC", fs.root / "etc/localtime")
     fs.mkdir("/var/run/postgresql", 0o2775, PG_UID)
     fs.mkdir("/var/lib/postgresql", 0o755, PG_UID)
@@ -213,8 +216,7 @@ def _docker() -> Iterator[docker.DockerClient]:
     try:
         client = docker.from_env()
     except DockerException as exc:
-        raise RuntimeError("dtrguard test images: cannot reach the Docker "
-                           f"daemon ({exc}); start dockerd") from exc
+        raise RuntimeError(f"dtrguard test images: cannot reach the Docker daemon ({exc}); start dockerd") from exc
     with contextlib.closing(client):
         yield client
 
@@ -227,8 +229,7 @@ def _exists(client: docker.DockerClient, tag: str) -> bool:
     return True
 
 
-def _build(client: docker.DockerClient, tag: str,
-           populate: Callable[[_RootFs], None], changes: list[str]) -> None:
+def _build(client: docker.DockerClient, tag: str, populate: Callable[[_RootFs], None], changes: list[str]) -> None:
     """Assemble a root filesystem with `populate` and import it as `tag`."""
     repository, _, version = tag.rpartition(":")
     with tempfile.TemporaryDirectory(prefix="dtrguard-image-") as tmp:
@@ -236,8 +237,7 @@ def _build(client: docker.DockerClient, tag: str,
         populate(fs)
         tar_path = Path(tmp, "rootfs.tar")
         fs.tar(tar_path)
-        reply = client.api.import_image(src=str(tar_path), repository=repository,
-                                        tag=version, changes=changes)
+        reply = client.api.import_image(src=str(tar_path), repository=repository, tag=version, changes=changes)
     if '"error' in str(reply) or not _exists(client, tag):
         raise RuntimeError(f"dtrguard test images: importing {tag} failed: {reply}")
 

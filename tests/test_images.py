@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import docker
 import pytest
 from docker.errors import NotFound
+
 from images import ensure_app_image, ensure_postgres_image
 
 PG_CONTAINER = "dtrguard-test-images-pg"
