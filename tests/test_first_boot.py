@@ -1,0 +1,270 @@
+"""The first-boot decision and the scheduled backups, each case against real S3, Postgres and Docker."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtrguard.config import S3Settings
+from dtrguard.errors import EXIT_REFUSED
+from dtrguard.manifest import parse
+from dtrguard.repository import Repository
+
+from dtrnode import DtrNode, container_exec, sql, table_contents, tree
+from servers import Relay
+
+pytestmark = pytest.mark.docker
+
+PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
+
+
+def node_with_data(make_node: Any, instance_id: str = "i-0aaaaaaaaaaaaaaaa", **options: Any) -> DtrNode:
+    node: DtrNode = make_node(instance_id, **options)
+    node.install()
+    node.seed()
+    return node
+
+
+def backup_once(node: DtrNode) -> str:
+    result = node.command("backup")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def manifest_keys(s3: Any, bucket: str) -> list[str]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="dtr/test/manifests/")
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def set_objects(s3: Any, bucket: str, set_id: str) -> list[str]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"dtr/test/sets/{set_id}/")
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+def events_of(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_restart_does_not_restore(make_node: Any) -> None:
+    node = node_with_data(make_node)
+    daemon = node.start()
+    daemon.wait_for("backup.end")
+    assert daemon.stop() == 0
+    sql(None, "insert into settings values ('after-first-backup', 'kept')")
+
+    daemon = node.start()
+    daemon.wait_for("node.running")
+    daemon.wait_for("backup.end")
+    assert daemon.stop() == 0
+    assert daemon.named("restore.start") == []
+    assert daemon.named("node.first") == []
+    assert sql(None, "select value from settings where key = 'after-first-backup'") == "kept"
+
+
+def test_foreign_state_file_restores(make_node: Any) -> None:
+    node_a = node_with_data(make_node)
+    set_id = backup_once(node_a)
+    baked_state = (node_a.state_dir / "state.json").read_text()
+    tables = table_contents()
+    node_a.destroy()
+
+    node_b: DtrNode = make_node("i-0bbbbbbbbbbbbbbbb")
+    node_b.state_dir.mkdir(parents=True)
+    (node_b.state_dir / "state.json").write_text(baked_state)  # baked into the image by mistake
+    daemon = node_b.start()
+    restore = daemon.wait_for("restore.end")[0]
+    assert daemon.stop() == 0
+    assert daemon.named("state.foreign")[0]["recorded_instance_id"] == "i-0aaaaaaaaaaaaaaaa"
+    assert restore["set_id"] == set_id
+    assert table_contents() == tables
+
+
+def test_node_with_data_refused(make_node: Any, s3: Any, bucket: str) -> None:
+    node_a = node_with_data(make_node)
+    backup_once(node_a)
+    # The same node, booted as a new instance with its data still in place: dtrguard must not choose.
+    shutil.rmtree(node_a.state_dir)
+    sql(None, "insert into settings values ('live', 'data')")
+    etc_before, var_before, tables_before = tree(node_a.etc), tree(node_a.var), table_contents()
+    keys_before = manifest_keys(s3, bucket)
+    (node_a.root / "instance-id").write_text("i-0ccccccccccccccccc\n")
+
+    daemon = node_a.start()
+    code = daemon.wait_exit()
+    assert code == EXIT_REFUSED
+    failure = daemon.named("command.failed")[0]
+    assert failure["level"] == "error"
+    assert "--force" in failure["hint"]
+    assert daemon.named("restore.start") == []
+    assert daemon.named("backup.start") == []
+    assert tree(node_a.etc) == etc_before
+    assert tree(node_a.var) == var_before
+    assert table_contents() == tables_before
+    assert manifest_keys(s3, bucket) == keys_before
+
+
+def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> None:
+    node = node_with_data(make_node)
+    good = backup_once(node)
+    script = 'printf "partial dump bytes"; echo "pg_dump: error: simulated failure" >&2; exit 1'
+    replace = f"mv {PG_DUMP} {PG_DUMP}.real && printf '#!/bin/sh\\n{script}\\n' > {PG_DUMP} && chmod 755 {PG_DUMP}"
+    container_exec(
+        "docker_trusted_registry_postgres",
+        ["sh", "-c", replace],
+        user="root",
+    )
+
+    daemon = node.start()
+    failure = daemon.wait_for("backup.failed")[0]
+    failed_set = daemon.named("backup.start")[-1]["set_id"]
+    container_exec("docker_trusted_registry_postgres", ["mv", f"{PG_DUMP}.real", PG_DUMP], user="root")
+    daemon.wait_for("backup.end")  # the next scheduled run succeeds
+    assert daemon.stop() == 0
+
+    assert "simulated failure" in failure["error"]
+    assert failure["level"] == "error"
+    keys = manifest_keys(s3, bucket)
+    assert f"dtr/test/manifests/{failed_set}.json" not in keys
+    assert f"dtr/test/manifests/{good}.json" in keys
+    assert set_objects(s3, bucket, failed_set) == []
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert node.command("verify", good).returncode == 0
+
+
+def test_missing_manifest_set_skipped(make_node: Any, s3: Any, bucket: str) -> None:
+    node_a = node_with_data(make_node)
+    backup_once(node_a)
+    second = backup_once(node_a)
+    sql(None, "insert into settings values ('only-in-third', 'x')")
+    third = backup_once(node_a)
+    s3.delete_object(Bucket=bucket, Key=f"dtr/test/manifests/{third}.json")
+    assert set_objects(s3, bucket, third) != []
+    node_a.destroy()
+
+    node_b: DtrNode = make_node("i-0bbbbbbbbbbbbbbbb")
+    daemon = node_b.start()
+    restore = daemon.wait_for("restore.end")[0]
+    assert daemon.stop() == 0
+    assert restore["set_id"] == second
+    assert sql(None, "select count(*) from settings where key = 'only-in-third'") == "0"
+
+
+def poisoned_tar(outside: Path) -> bytes:
+    """Build an archive whose second member writes through a symlink to /."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        link = tarfile.TarInfo("escape")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/"
+        tar.addfile(link)
+        payload = b"overwritten by a poisoned archive\n"
+        member = tarfile.TarInfo("escape/" + str(outside).lstrip("/"))
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dotdot"])
+def test_poisoned_set_rejected(
+    make_node: Any, moto_server: Any, s3: Any, bucket: str, tmp_path: Path, kind: str
+) -> None:
+    node_a = node_with_data(make_node)
+    good = backup_once(node_a)
+    node_a.destroy()
+    canary = tmp_path / "canary.txt"
+    canary.write_text("original\n")
+    before = canary.stat()
+
+    # A set identical to the good one but for a poisoned etc archive, with a matching sha256.
+    repository = Repository(S3Settings(bucket=bucket, prefix="dtr/test", endpoint_url=moto_server.url))
+    manifest = parse(s3.get_object(Bucket=bucket, Key=f"dtr/test/manifests/{good}.json")["Body"].read(), "m")
+    poisoned_set = "29990101T000000Z-0badc0de"
+    if kind == "symlink":
+        data = poisoned_tar(canary)
+    else:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            member = tarfile.TarInfo("../canary.txt")
+            member.size = 4
+            tar.addfile(member, io.BytesIO(b"evil"))
+        data = buffer.getvalue()
+    writer = repository.upload(poisoned_set, "etc-dtr.tar.zst", threading.Event())
+    writer.write(data)
+    size, sha256, raw_size = writer.finish()
+    poisoned = {"key": writer.key, "size": size, "sha256": sha256, "raw_size": raw_size}
+    artifacts = tuple(
+        dataclasses.replace(a, **poisoned) if a.name == "etc-dtr.tar.zst" else a for a in manifest.artifacts
+    )
+    repository.put_manifest(dataclasses.replace(manifest, set_id=poisoned_set, artifacts=artifacts))
+
+    node_b: DtrNode = make_node("i-0bbbbbbbbbbbbbbbb")
+    result = node_b.command("restore", poisoned_set)
+    assert result.returncode == 1
+    assert "archive member" in result.stderr
+    assert canary.read_text() == "original\n"
+    assert canary.stat().st_mtime_ns == before.st_mtime_ns
+    assert not (node_b.etc.parent / "canary.txt").exists()
+
+
+def test_unreachable_s3_retried_then_restores(make_node: Any, moto_server: Any) -> None:
+    node_a = node_with_data(make_node)
+    set_id = backup_once(node_a)
+    node_a.destroy()
+
+    relay = Relay(int(moto_server.url.rsplit(":", 1)[1]))
+    node_b: DtrNode = make_node("i-0bbbbbbbbbbbbbbbb", s3_url=relay.url)
+    daemon = node_b.start()
+    try:
+        retries = daemon.wait_for("retry", count=3)
+        assert daemon.named("restore.start") == []
+        assert daemon.named("backup.start") == []
+        assert all(r["action"] == "first-boot decision" for r in retries)
+        assert all(r["level"] == "warning" for r in retries)
+        relay.up()
+        restore = daemon.wait_for("restore.end")[0]
+        daemon.wait_for("backup.end")
+    finally:
+        assert daemon.stop() == 0
+        relay.down()
+    assert restore["set_id"] == set_id
+
+
+def test_sigterm_during_backup_leaves_nothing(make_node: Any, s3: Any, bucket: str) -> None:
+    node = node_with_data(make_node, interval="1h")
+    with open(node.var / "image-storage" / "local" / "large-layer", "wb") as handle:
+        for _ in range(96):
+            handle.write(os.urandom(1024 * 1024))
+    daemon = node.start()
+    daemon.wait_for("artifact.start", count=2)  # the var archive, with the large layer, is uploading
+    assert daemon.stop() == 0
+    assert daemon.named("backup.end") == []
+    assert manifest_keys(s3, bucket) == []
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_list_and_verify_commands(make_node: Any) -> None:
+    node = node_with_data(make_node)
+    first = backup_once(node)
+    second = backup_once(node)
+    listing = node.command("list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    rows = json.loads(listing.stdout)
+    assert [row["set_id"] for row in rows] == [first, second]
+    assert rows[-1]["dtr_version"] == "1.4.3"
+    verify = node.command("verify")
+    assert verify.returncode == 0, verify.stderr
+    assert second in verify.stdout
+    verified = [e for e in events_of(verify.stderr) if e["event"] == "artifact.verified"]
+    assert len(verified) == 5
+    status = node.command("status", "--json")
+    assert json.loads(status.stdout)["last_backup"]["set_id"] == second

@@ -1,0 +1,179 @@
+"""Backup sets in S3, against moto's server over HTTP: streaming uploads, manifests, verified reads."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import tracemalloc
+from typing import Any
+
+import pytest
+
+from dtrguard.config import S3Settings
+from dtrguard.errors import Aborted, IntegrityError, RepositoryUnavailable
+from dtrguard.manifest import Artifact, Manifest, new_set_id, parse, utc_now
+from dtrguard.repository import Repository
+
+MiB = 1024 * 1024
+
+
+def make_repository(url: str, bucket: str, part_size: int = 5 * MiB) -> Repository:
+    settings = S3Settings(bucket=bucket, prefix="test", endpoint_url=url, part_size=part_size, max_attempts=1)
+    return Repository(settings)
+
+
+def upload(repository: Repository, set_id: str, name: str, data: bytes, chunk: int = MiB) -> Artifact:
+    writer = repository.upload(set_id, name, threading.Event())
+    view = memoryview(data)
+    for offset in range(0, len(data), chunk):
+        writer.write(view[offset : offset + chunk])
+    size, sha256, raw_size = writer.finish()
+    return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x")
+
+
+def manifest_for(set_id: str, artifacts: list[Artifact], finished_at: str | None = None) -> Manifest:
+    now = utc_now().isoformat()
+    return Manifest(
+        set_id=set_id,
+        started_at=now,
+        finished_at=finished_at or now,
+        instance_id="i-test",
+        dtrguard_version="0",
+        artifacts=tuple(artifacts),
+        containers=(),
+        dtr_version="1.4.3",
+        postgres_server_version="15.18",
+        postgres_server_version_num=150018,
+        dump_tool_version="pg_dump (PostgreSQL) 15.18",
+        row_counts={"dtr": {"public.tags": 3}},
+    )
+
+
+def read_all(repository: Repository, artifact: Artifact) -> bytes:
+    with repository.open(artifact) as stream:
+        return stream.read()
+
+
+def test_upload_large_artifact_multipart(moto_server: Any, bucket: str, s3: Any) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    data = os.urandom(23 * MiB)  # random data does not compress, so it spans five 5 MiB parts
+    set_id = new_set_id(utc_now())
+    writer = repository.upload(set_id, "big.tar.zst", threading.Event())
+    tracemalloc.start()
+    for offset in range(0, len(data), MiB):
+        writer.write(data[offset : offset + MiB])
+    size, sha256, raw_size = writer.finish()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(writer.parts) == 5
+    assert raw_size == len(data)
+    assert peak < 4 * 5 * MiB  # about one part buffered, never the whole 23 MiB
+    head = s3.head_object(Bucket=bucket, Key=writer.key)
+    assert head["ContentLength"] == size
+    artifact = Artifact("big.tar.zst", "directory", writer.key, size, sha256, raw_size, "/x")
+    assert read_all(repository, artifact) == data
+
+
+def test_upload_small_artifact_single_put(moto_server: Any, bucket: str) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    artifact = upload(repository, new_set_id(utc_now()), "small", b"hello " * 100)
+    assert read_all(repository, artifact) == b"hello " * 100
+
+
+def test_upload_cancel_aborts_multipart(moto_server: Any, bucket: str, s3: Any) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    cancel = threading.Event()
+    writer = repository.upload(new_set_id(utc_now()), "cancelled", cancel)
+    writer.write(os.urandom(6 * MiB))
+    assert writer.upload_id is not None
+    cancel.set()
+    with pytest.raises(Aborted):
+        writer.write(b"more")
+    writer.abort()
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_manifest_never_overwritten(moto_server: Any, bucket: str) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    set_id = new_set_id(utc_now())
+    artifact = upload(repository, set_id, "a", b"data")
+    repository.put_manifest(manifest_for(set_id, [artifact]))
+    with pytest.raises(IntegrityError, match="already exists"):
+        repository.put_manifest(manifest_for(set_id, [artifact]))
+
+
+def test_latest_uses_manifest_timestamp(moto_server: Any, bucket: str) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    # The set id that sorts last has the older manifest timestamp.
+    older, newer = "20991231T000000Z-ffffffff", "20000101T000000Z-00000000"
+    for set_id, finished in ((older, "2026-01-01T00:00:00+00:00"), (newer, "2026-06-01T00:00:00+00:00")):
+        repository.put_manifest(manifest_for(set_id, [upload(repository, set_id, "a", b"x")], finished))
+    latest = repository.find("latest")
+    assert latest is not None
+    assert latest.set_id == newer
+
+
+def test_set_without_manifest_is_invisible(moto_server: Any, bucket: str) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    upload(repository, new_set_id(utc_now()), "orphan", b"no manifest")
+    assert repository.manifests() == []
+    assert repository.find("latest") is None
+
+
+def test_invalid_manifest_skipped_others_kept(moto_server: Any, bucket: str, s3: Any) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    set_id = new_set_id(utc_now())
+    repository.put_manifest(manifest_for(set_id, [upload(repository, set_id, "a", b"x")]))
+    s3.put_object(Bucket=bucket, Key=repository.manifest_key("20260101T000000Z-deadbeef"), Body=b"{not json")
+    assert [m.set_id for m in repository.manifests()] == [set_id]
+
+
+def test_changed_byte_fails_verify(moto_server: Any, bucket: str, s3: Any) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    artifact = upload(repository, new_set_id(utc_now()), "etc.tar.zst", os.urandom(300_000))
+    body = bytearray(s3.get_object(Bucket=bucket, Key=artifact.key)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    s3.put_object(Bucket=bucket, Key=artifact.key, Body=bytes(body))
+    with pytest.raises(IntegrityError, match="etc.tar.zst") as raised:
+        repository.verify(artifact)
+    assert "sha256" in str(raised.value)
+
+
+def test_truncated_object_fails_verify(moto_server: Any, bucket: str, s3: Any) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    artifact = upload(repository, new_set_id(utc_now()), "db.dump.zst", os.urandom(300_000))
+    body = s3.get_object(Bucket=bucket, Key=artifact.key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=artifact.key, Body=body[:-10])
+    with pytest.raises(IntegrityError, match="manifest says"):
+        repository.verify(artifact)
+
+
+def test_failed_check_withholds_stream_end(moto_server: Any, bucket: str, s3: Any) -> None:
+    """A reader of a corrupted artifact never receives its last chunk, so it cannot act on a whole stream."""
+    repository = make_repository(moto_server.url, bucket)
+    data = os.urandom(3 * MiB)
+    artifact = upload(repository, new_set_id(utc_now()), "held", data)
+    body = bytearray(s3.get_object(Bucket=bucket, Key=artifact.key)["Body"].read())
+    body[-100] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=artifact.key, Body=bytes(body))
+    received = io.BytesIO()
+    with pytest.raises(IntegrityError), repository.open(artifact) as stream:
+        while chunk := stream.read(64 * 1024):
+            received.write(chunk)
+    assert len(received.getvalue()) < len(data)
+
+
+def test_listing_unreachable_endpoint_raises(bucket: str) -> None:
+    repository = make_repository("http://127.0.0.1:9", bucket)
+    with pytest.raises(RepositoryUnavailable):
+        repository.manifest_keys()
+
+
+def test_manifest_parse_rejects_bad_fields() -> None:
+    good = manifest_for("20260101T000000Z-00000000", [Artifact("a", "directory", "k", 1, "0" * 64, 1, "/x")])
+    assert parse(good.to_json(), "k").set_id == good.set_id
+    for broken in (b"[]", b"{}", good.to_json().replace(b'"directory"', b'"tape"')):
+        with pytest.raises(IntegrityError, match="manifest k"):
+            parse(broken, "k")
