@@ -38,7 +38,7 @@ DTR_INSTALL_COMMAND = (
 
 @dataclass(frozen=True)
 class S3Settings:
-    """Where backup sets live and how to reach the S3 endpoint."""
+    """S3 location of the backup sets and the client settings for reaching it."""
 
     bucket: str
     prefix: str = "dtrguard"
@@ -62,7 +62,7 @@ class DirectorySettings:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """Where the instance id comes from and where local state is kept."""
+    """Source of the instance id and location of the local state."""
 
     instance_id_source: str = "imds"
     imds_endpoint: str = "http://169.254.169.254"

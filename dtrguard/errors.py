@@ -47,7 +47,7 @@ class RefusedError(DtrguardError):
 
 
 class TransientError(DtrguardError):
-    """A service did not answer (S3, instance metadata, the Docker Engine); the caller may retry."""
+    """A service (S3, instance metadata, the Docker Engine) did not respond, so the caller may retry."""
 
 
 class RepositoryUnavailable(TransientError):

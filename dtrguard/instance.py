@@ -17,7 +17,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class MetadataUnavailable(TransientError):
-    """The instance metadata service did not answer."""
+    """The instance metadata service did not respond."""
 
 
 def instance_id(settings: NodeSettings) -> str:
@@ -55,7 +55,7 @@ def _from_imds(settings: NodeSettings) -> str:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
     raise MetadataUnavailable(
-        f"instance metadata service at {settings.imds_endpoint} did not answer after {settings.imds_attempts} attempts",
+        f"instance metadata service at {settings.imds_endpoint} did not respond after {settings.imds_attempts} attempts",
         hint="check that IMDS is enabled for the instance, or set [node].instance_id_source to a file",
     )
 

@@ -1,4 +1,4 @@
-"""The node: its collaborators (S3, Docker, Postgres, DTR) and whether it holds DTR data."""
+"""The node: its collaborators (S3, Docker, Postgres, DTR) and whether it has DTR data."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dtrguard.repository import Repository
 
 
 class DockerUnavailable(TransientError):
-    """The Docker Engine did not answer."""
+    """The Docker Engine did not respond."""
 
 
 @dataclass
@@ -76,5 +76,5 @@ class Node:
         return sum(sum(self.postgres.row_counts(db).values()) for db in self.postgres.databases())
 
     def has_data(self) -> bool:
-        """Report whether the node holds DTR data that a restore would overwrite."""
+        """Report whether the node has DTR data that a restore would overwrite."""
         return self.config_dir_has_data() or bool(self.database_rows())

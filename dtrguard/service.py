@@ -53,6 +53,7 @@ class Agent:
         self.state = State(instance_id="")
         self.scheduler: BackgroundScheduler | None = None
         self.job: Job | None = None
+        self.refusal: RefusedError | None = None
 
     # Start-up
 
@@ -176,7 +177,8 @@ class Agent:
         self._install_signal_handlers()
         _log.info("service.start", config=str(self.settings.source))
         notify(STATUS="starting: deciding whether this node is new")
-        if self.retry("read instance id", self.identify) is None and self.stop.is_set():
+        self.retry("read instance id", self.identify)
+        if self.stop.is_set():
             return
         try:
             self.retry("first-boot decision", self.decide)
@@ -189,9 +191,11 @@ class Agent:
         notify(READY="1", STATUS=self.status_line())
         self.stop.wait()
         self._shutdown()
+        if self.refusal is not None:
+            raise self.refusal
 
     def tick(self) -> None:
-        """The scheduled job: back up an established node, or decide again for a new one."""
+        """Back up an established node, or run the first-boot decision again for a new one (the scheduled job)."""
         if self.stop.is_set():
             return
         try:
@@ -200,7 +204,7 @@ class Agent:
             else:
                 self.decide()
         except RefusedError as exc:
-            _log.error("service.refused", error=str(exc))
+            self.refusal = exc  # run() raises it once the scheduler has stopped
             self.stop.set()
         except DtrguardError as exc:
             event = "backup.failed" if self.state.established else "decision.failed"

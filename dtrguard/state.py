@@ -31,7 +31,7 @@ class LastBackup:
 
 @dataclass
 class State:
-    """What this node has done, as recorded in <state_dir>/state.json."""
+    """Record of this node's identity, restores and backups, kept in <state_dir>/state.json."""
 
     instance_id: str
     established: bool = False  # restored, or backed up its own data: scheduled backups may run
