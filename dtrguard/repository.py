@@ -267,7 +267,7 @@ class VerifiedStream(io.RawIOBase):
     """Raw bytes of an object, checked against the manifest's size and sha256.
 
     The newest chunk is held back until the next one arrives, and the last chunk is released
-    only after the whole object matched. A reader such as pg_restore therefore never sees the
+    only after the whole object matched. A reader such as pg_restore therefore never receives the
     end of a stream that failed its check, and fails on the truncated input instead.
     """
 
@@ -304,7 +304,7 @@ class VerifiedStream(io.RawIOBase):
         self.received += len(chunk)
         if self.received > self.artifact.size:
             raise IntegrityError(
-                f"artifact {self.artifact.key} is larger than its manifest says ({self.artifact.size} bytes)",
+                f"artifact {self.artifact.key} is larger than the {self.artifact.size} bytes its manifest records",
                 hint="the object was changed after the backup; restore another set",
             )
         self.ready, self.held = memoryview(self.held), chunk
@@ -312,7 +312,7 @@ class VerifiedStream(io.RawIOBase):
     def _check_complete(self) -> None:
         if self.received != self.artifact.size:
             raise IntegrityError(
-                f"artifact {self.artifact.key} has {self.received} bytes, its manifest says {self.artifact.size}",
+                f"artifact {self.artifact.key} has {self.received} bytes, expected {self.artifact.size} from its manifest",
                 hint="the object was changed or truncated after the backup; restore another set",
             )
         if self.sha256.hexdigest() != self.artifact.sha256:
