@@ -103,7 +103,7 @@ class Exec:
         """Run a command with source as its stdin; return its exit code and output tails.
 
         If reading source raises (a failed checksum, say), stdin is closed early, the command
-        sees a truncated input, and the exception propagates after the command has ended.
+        reads a truncated input, and the exception propagates after the command has ended.
         """
         exec_id = self._create(container, command, user, stdin=True)
         connection = self.api.exec_start(exec_id, socket=True)

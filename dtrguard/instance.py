@@ -55,7 +55,8 @@ def _from_imds(settings: NodeSettings) -> str:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
     raise MetadataUnavailable(
-        f"instance metadata service at {settings.imds_endpoint} did not respond after {settings.imds_attempts} attempts",
+        f"instance metadata service at {settings.imds_endpoint} did not respond"
+        f" after {settings.imds_attempts} attempts",
         hint="check that IMDS is enabled for the instance, or set [node].instance_id_source to a file",
     )
 

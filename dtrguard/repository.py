@@ -312,7 +312,8 @@ class VerifiedStream(io.RawIOBase):
     def _check_complete(self) -> None:
         if self.received != self.artifact.size:
             raise IntegrityError(
-                f"artifact {self.artifact.key} has {self.received} bytes, expected {self.artifact.size} from its manifest",
+                f"artifact {self.artifact.key} has {self.received} bytes,"
+                f" expected {self.artifact.size} from its manifest",
                 hint="the object was changed or truncated after the backup; restore another set",
             )
         if self.sha256.hexdigest() != self.artifact.sha256:
