@@ -1,9 +1,8 @@
 """Directory to tar stream and back, keeping numeric owners, modes, symlinks and mtimes.
 
-Extraction trusts nothing in the archive: absolute names, `..`, device files and links that
-resolve outside the target are rejected before anything is written, and members are written
-into a staging directory that replaces the live contents only once the whole archive was read
-and verified.
+Extraction trusts nothing in the archive. Absolute names, `..`, device files, repeated names and
+links that resolve outside the target raise UnsafeArchive. Members are written only into a
+staging directory, which replaces the live contents once the whole archive was read and checked.
 """
 
 from __future__ import annotations
@@ -145,6 +144,11 @@ def _check_member(member: tarfile.TarInfo, target: Path, links: set[str]) -> str
     if ".." in pure.parts:
         raise UnsafeArchive(f"archive member {name!r} contains ..", hint="the archive is not from dtrguard")
     relative = str(pure)
+    if pure.parts and pure.parts[0] == WORK_DIR:
+        raise UnsafeArchive(
+            f"archive member {name!r} is inside the restore work dir {WORK_DIR}",
+            hint="the archive is not from dtrguard",
+        )
     if member.ischr() or member.isblk():
         raise UnsafeArchive(f"archive member {name!r} is a device file", hint="the archive is not from dtrguard")
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
@@ -172,6 +176,64 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+# Linux's limit on the symlinks followed in one path lookup (MAXSYMLINKS in the kernel).
+_MAX_SYMLINKS = 40
+
+
+def _link_stays_inside(staging: Path, target: Path, relative: str) -> bool:
+    """Return whether the staged symlink at relative will resolve inside target once staging has moved there.
+
+    Each staged symlink met on the way is followed, as the kernel will follow it, so a chain such
+    as a -> b/c/.. with b/c -> .. is caught although every link text on its own stays inside.
+    """
+    target_parts = PurePosixPath(target).parts
+    pending = list(PurePosixPath(relative).parts)
+    resolved: list[str] = []
+    followed = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if not resolved:
+                return False
+            resolved.pop()
+            continue
+        resolved.append(part)
+        path = staging.joinpath(*resolved)
+        if not path.is_symlink():
+            continue
+        followed += 1
+        if followed > _MAX_SYMLINKS:
+            return True  # a symlink loop: the lookup fails with ELOOP, so it reaches nothing
+        link = PurePosixPath(os.readlink(path))
+        resolved.pop()
+        if link.is_absolute():
+            if link.parts[: len(target_parts)] != target_parts:
+                return False
+            resolved = []
+            link = PurePosixPath(*link.parts[len(target_parts) :])
+        pending[:0] = link.parts
+    return True
+
+
+def _check_hardlink(member: tarfile.TarInfo, staging: Path) -> None:
+    """Raise UnsafeArchive unless the hard link's source is a regular file already extracted into staging.
+
+    os.link follows symlinks, so a source that is a staged symlink could link a file outside staging.
+    dtrguard's archives only hold hard links to regular files that come earlier in the archive.
+    """
+    source = staging / PurePosixPath(member.linkname)
+    try:
+        source_is_file = stat.S_ISREG(os.lstat(source).st_mode)
+    except FileNotFoundError:
+        source_is_file = False
+    if not source_is_file or not _within(os.path.realpath(source.parent), os.path.realpath(staging)):
+        raise UnsafeArchive(
+            f"archive member {member.name!r} is a hard link to {member.linkname!r},"
+            " which is not a regular file earlier in the archive",
+            hint="the archive is not from dtrguard",
+        )
+
+
 def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[ArchiveStats, tarfile.TarInfo | None]:
     """Extract a tar stream into the empty directory staging, checking every member.
 
@@ -180,11 +242,18 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
     """
     stats = ArchiveStats()
     links: set[str] = set()
+    seen: set[str] = set()
     directories: list[tarfile.TarInfo] = []
     root_info = None
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             relative = _check_member(member, target, links)
+            # A second member of the same name could replace a checked symlink or write through it.
+            if relative in seen:
+                raise UnsafeArchive(
+                    f"archive member {member.name!r} appears more than once", hint="the archive is not from dtrguard"
+                )
+            seen.add(relative)
             if relative == ".":
                 root_info = member
                 continue
@@ -196,9 +265,21 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
                 destination.mkdir(mode=0o700, exist_ok=True)
                 directories.append(member)
                 continue
+            if os.path.lexists(destination):  # a directory made for an earlier member's path
+                raise UnsafeArchive(f"archive member {member.name!r} would replace a directory of the same name")
+            if member.islnk():
+                _check_hardlink(member, staging)
             tar.extract(member, staging, set_attrs=True, numeric_owner=True, filter="fully_trusted")
             stats.files += 1
             stats.bytes += member.size if member.isreg() else 0
+    # Checked once the tree is complete, because a later member can change where an earlier symlink leads.
+    for relative in sorted(links):
+        if not _link_stays_inside(staging, target, relative):
+            raise UnsafeArchive(
+                f"archive member {relative!r} is a symlink to {os.readlink(staging / relative)!r},"
+                f" which resolves outside {target} through other symlinks in the archive",
+                hint="the archive is not from dtrguard",
+            )
     for member in reversed(directories):
         apply_attributes(staging / member.name, member)
     return stats, root_info
@@ -239,7 +320,7 @@ class SwapJournal:
             ) from None
         return data if isinstance(data, dict) else None
 
-    def write(self, set_id: str, phase: str, root: dict[str, int] | None = None) -> None:
+    def write(self, set_id: str, phase: str, root: dict[str, float] | None = None) -> None:
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps({"set_id": set_id, "phase": phase, "root": root}))
         os.replace(temporary, self.path)
@@ -254,13 +335,21 @@ class SwapJournal:
         self.staging.mkdir(mode=0o700)
         self.write(set_id, "extracting")
 
-    def swap(self, set_id: str, root: dict[str, int] | None, keep: Sequence[str]) -> None:
+    def swap(self, set_id: str, root: dict[str, float] | None, keep: Sequence[str]) -> None:
         """Replace the live contents with staging, carrying the paths in keep across unchanged."""
         journal = self.read() or {}
         phase = journal.get("phase", "carrying")
         root = root if root is not None else journal.get("root")
+        if phase in ("extracting", "carrying", "clearing") and not self.staging.is_dir():
+            # Clearing without the staged contents would leave the target empty.
+            raise IntegrityError(
+                f"restore staging dir {self.staging} is missing in phase {phase!r}",
+                hint=f"inspect {self.work}, then remove it and run the restore again",
+            )
         if phase in ("extracting", "carrying"):
             self.write(set_id, "carrying", root)
+            for relative in keep:  # all checked before any moves, so a rejected swap leaves the target as it was
+                self._check_carry(relative)
             for relative in keep:
                 self._carry(relative)
             phase = "clearing"
@@ -273,14 +362,34 @@ class SwapJournal:
             phase = "installing"
         if phase == "installing":
             self.write(set_id, "installing", root)
-            for entry in os.listdir(self.staging):
+            # Staging is missing only when a crash cut short the clean-up below, after every entry moved in.
+            staged = os.listdir(self.staging) if self.staging.exists() else []
+            for entry in staged:
                 os.rename(self.staging / entry, self.target / entry)
         if root:
-            os.lchown(self.target, root["uid"], root["gid"])
-            os.chmod(self.target, root["mode"])
+            os.lchown(self.target, int(root["uid"]), int(root["gid"]))
+            os.chmod(self.target, int(root["mode"]))
+        self._clean_up()
+        if root:  # set last, because removing the work dir changes the target's mtime
             os.utime(self.target, (root["mtime"], root["mtime"]))
-        shutil.rmtree(self.work)
         _fsync_directory(self.target)
+
+    def _clean_up(self) -> None:
+        """Remove the work dir, the journal last, so a crash part-way leaves a journal that finishes the swap."""
+        for directory in (self.staging, self.old):
+            if directory.exists():
+                shutil.rmtree(directory)
+        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.work)
+
+    def _check_carry(self, relative: str) -> None:
+        """Raise UnsafeArchive if a staged symlink would take the kept path out of staging."""
+        parent = (self.staging / relative).parent
+        if not _within(os.path.realpath(parent), os.path.realpath(self.staging)):
+            raise UnsafeArchive(
+                f"kept path {relative!r} would move through a symlink in the archive to {os.path.realpath(parent)}",
+                hint="the archive is not from dtrguard, or the exclude patterns changed since the backup",
+            )
 
     def _carry(self, relative: str) -> None:
         source = self.target / relative
@@ -295,10 +404,14 @@ class SwapJournal:
         os.rename(source, destination)
 
 
-def root_attributes(member: tarfile.TarInfo | None) -> dict[str, int] | None:
+def root_attributes(member: tarfile.TarInfo | None) -> dict[str, float] | None:
+    """Return the owner, mode and mtime that the archive's root entry gives the target directory.
+
+    The mtime stays a float, as tarfile gives it to every other entry, so sub-second parts survive.
+    """
     if member is None:
         return None
-    return {"uid": member.uid, "gid": member.gid, "mode": stat.S_IMODE(member.mode), "mtime": int(member.mtime)}
+    return {"uid": member.uid, "gid": member.gid, "mode": stat.S_IMODE(member.mode), "mtime": member.mtime}
 
 
 def _fsync_directory(path: Path) -> None:

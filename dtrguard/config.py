@@ -6,6 +6,7 @@ stops the service at start rather than at the first backup.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -123,6 +124,8 @@ DEFAULT_DIRECTORIES: tuple[dict[str, Any], ...] = (
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Maximum duration in seconds. Far longer ones overflow the datetime arithmetic that starts the schedule.
+MAX_DURATION = 365 * 86400.0
 
 
 def config_path(explicit: str | None) -> Path:
@@ -152,6 +155,8 @@ def parse(document: dict[str, Any], source: Path) -> Settings:
     """Validate a parsed TOML document and build Settings from it."""
     top = _Table(document, "", source)
     s3 = _parse_s3(top.table("s3", required=True))
+    if top.data.get("directories") == []:
+        raise top.fail("directories is an empty list", "add at least one [[directories]] table, or remove the key")
     directories = _parse_directories(top.array_of_tables("directories"), source)
     node = _parse_node(top.table("node"))
     schedule = _parse_schedule(top.table("schedule"))
@@ -207,6 +212,13 @@ def _parse_directories(tables: list[_Table], source: Path) -> tuple[DirectorySet
                 table.invalid("exclude", pattern, "use paths relative to the directory, without ..")
         table.reject_unknown()
         result.append(DirectorySettings(Path(path_text), name, tuple(exclude)))
+    for outer in result:
+        for inner in result:
+            if inner.path != outer.path and inner.path.is_relative_to(outer.path):
+                raise ConfigError(
+                    f"config file {source}: directory {inner.path} lies inside directory {outer.path}",
+                    hint=f"list {outer.path} once and use its exclude patterns instead",
+                )
     names = [d.name for d in result]
     paths = [d.path for d in result]
     if len(set(names)) != len(names) or len(set(paths)) != len(paths):
@@ -222,6 +234,9 @@ def _parse_node(table: _Table) -> NodeSettings:
     if source != "imds" and not source.startswith("file:/"):
         table.invalid("instance_id_source", source, 'use "imds" or "file:/absolute/path"')
     endpoint = table.string("imds_endpoint", "http://169.254.169.254").rstrip("/")
+    state_dir = table.string("state_dir", "/var/lib/dtrguard")
+    if not state_dir.startswith("/"):
+        table.invalid("state_dir", state_dir, "use an absolute path such as /var/lib/dtrguard")
     if not re.match(r"^https?://", endpoint):
         table.invalid("imds_endpoint", endpoint, "use a URL starting with http://")
     settings = NodeSettings(
@@ -229,7 +244,7 @@ def _parse_node(table: _Table) -> NodeSettings:
         imds_endpoint=endpoint,
         imds_timeout=table.duration("imds_timeout", 2.0),
         imds_attempts=table.positive_int("imds_attempts", 5),
-        state_dir=Path(table.string("state_dir", "/var/lib/dtrguard")),
+        state_dir=Path(state_dir),
     )
     table.reject_unknown()
     return settings
@@ -272,7 +287,7 @@ def _parse_dtr(table: _Table) -> DtrSettings:
         version_container=table.string("version_container", "admin_server"),
         install_command=tuple(command),
         start_timeout=table.duration("start_timeout", 120.0),
-        stop_timeout=int(table.duration("stop_timeout", 30.0)),
+        stop_timeout=max(1, round(table.duration("stop_timeout", 30.0))),
     )
     table.reject_unknown()
     return settings
@@ -299,7 +314,11 @@ class _Table:
     def get(self, key: str, required: bool) -> Any:
         self.seen.add(key)
         if key not in self.data and required:
-            raise self.fail(f"missing required key {self.key(key)}", f"add {self.key(key)} to the file")
+            message = f"missing required key {self.key(key)}"
+            others = [name for name in self.data if isinstance(name, str)]
+            for near in difflib.get_close_matches(key, others, n=1, cutoff=0.8):
+                message += f" (found {self.key(near)}, which looks like a misspelling of it)"
+            raise self.fail(message, f"add {self.key(key)} to the file")
         return self.data.get(key)
 
     def typed(self, key: str, kinds: tuple[type, ...], what: str, required: bool = False) -> Any:
@@ -327,8 +346,9 @@ class _Table:
         if value is None:
             return default
         seconds = _parse_duration(value)
-        if seconds is None or seconds <= 0:
-            self.invalid(key, value, 'use a positive duration such as "15m", "90s" or "1h"')
+        # Written as "not in range" so that nan, which TOML allows and which fails every comparison, is rejected.
+        if seconds is None or not 0 < seconds <= MAX_DURATION:
+            self.invalid(key, value, 'use a positive duration of at most 365d, such as "15m", "90s" or "1h"')
         assert seconds is not None
         return seconds
 

@@ -81,14 +81,17 @@ def restore_directory(node: Node, manifest: Manifest, directory: DirectorySettin
     artifact = _artifact(manifest, "directory", str(directory.path))
     target = directory.path
     journal = SwapJournal(target)
-    keep = excluded_paths(target, node.excludes(directory))
     pending = journal.read()
     if pending and pending.get("phase") != "extracting":
         _log.warning(
             "directory.resume", directory=str(target), set_id=pending.get("set_id"), phase=pending.get("phase")
         )
-        journal.swap(str(pending.get("set_id")), None, keep)
+        journal.swap(str(pending.get("set_id")), None, excluded_paths(target, node.excludes(directory)))
+        if pending.get("set_id") == manifest.set_id:
+            return  # the interrupted swap was of this set, and it is now complete
 
+    # Computed after any resumed swap, which may have carried kept paths into staging and back.
+    keep = excluded_paths(target, node.excludes(directory))
     clock = time.monotonic()
     _log.info("directory.start", set_id=manifest.set_id, directory=str(target), bytes=artifact.size)
     journal.begin(manifest.set_id)

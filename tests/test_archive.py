@@ -1,0 +1,577 @@
+"""Archive round trips, poisoned archives and interrupted swaps, all on trees under tmp_path."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtrguard import archive
+from dtrguard.archive import (
+    WORK_DIR,
+    SwapJournal,
+    UnsafeArchive,
+    excluded_paths,
+    extract_archive,
+    root_attributes,
+    write_archive,
+)
+
+EXCLUDES = ["logs", "*.tmp"]
+STAGING = f"{WORK_DIR}/new"
+# Whole seconds plus a quarter, so a lost sub-second part shows up as a different mtime.
+MTIME_NS = 1_600_000_000_250_000_000
+SECOND_NS = 1_000_000_000
+
+
+def describe(path: Path) -> tuple[Any, ...]:
+    """Return the type, mode, owner and content (or link target) of path, and its mtime unless a symlink."""
+    info = path.lstat()
+    kind = stat.S_IFMT(info.st_mode)
+    owner = (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid)
+    if stat.S_ISLNK(info.st_mode):
+        return (kind, info.st_uid, info.st_gid, os.readlink(path))
+    if stat.S_ISREG(info.st_mode):
+        return (kind, *owner, info.st_nlink, info.st_mtime_ns, path.read_bytes())
+    return (kind, *owner, info.st_mtime_ns)
+
+
+def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, ...]]:
+    """Describe root and every entry below it, by relative path, leaving out the paths in skip and their subtrees."""
+    result = {".": describe(root)}
+    stack = [(root, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        for entry in os.scandir(directory):
+            relative = prefix + entry.name
+            if relative in skip:
+                continue
+            result[relative] = describe(Path(entry.path))
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((Path(entry.path), relative + "/"))
+    return result
+
+
+def set_mtimes(root: Path) -> None:
+    """Give every file and directory under root, root included, the mtime MTIME_NS; children first."""
+    times = (MTIME_NS, MTIME_NS)
+    for directory, dirs, files in os.walk(root, topdown=False):
+        for name in files + dirs:
+            os.utime(Path(directory) / name, ns=times, follow_symlinks=False)
+    os.utime(root, ns=times)
+
+
+def build_source(root: Path) -> None:
+    """Build a tree with owners, setgid, links, an empty dir and paths that EXCLUDES matches."""
+    root.mkdir()
+    os.chmod(root, 0o750)
+    conf = root / "conf"
+    conf.mkdir()
+    os.chown(conf, 1000, 1000)
+    os.chmod(conf, 0o2770)
+    settings = conf / "settings.yml"
+    settings.write_text("storage: filesystem\n")
+    os.chown(settings, 1000, 1000)
+    os.chmod(settings, 0o640)
+    secret = root / "secret.key"
+    secret.write_bytes(b"\x00key\xff")
+    os.chmod(secret, 0o600)
+    (conf / "current.yml").symlink_to("settings.yml")
+    (root / "link-to-conf").symlink_to("conf")
+    data = root / "data"
+    data.mkdir()
+    (data / "blob").write_bytes(os.urandom(4096))
+    os.link(data / "blob", data / "blob-link")
+    (data / "cache.tmp").write_text("excluded by glob")
+    (root / "empty").mkdir()
+    logs = root / "logs"
+    logs.mkdir()
+    (logs / "access.log").write_text("excluded directory")
+    set_mtimes(root)
+    os.utime(secret, ns=(MTIME_NS + 7 * SECOND_NS, MTIME_NS + 7 * SECOND_NS))
+
+
+def build_old_target(root: Path) -> None:
+    """Build a live tree that shares no content with build_source's tree."""
+    root.mkdir()
+    os.chmod(root, 0o700)
+    (root / "conf").write_text("a file where the archive has a directory\n")
+    (root / "old.txt").write_text("old")
+    (root / "stale" / "nested").mkdir(parents=True)
+    (root / "stale" / "nested" / "file").write_text("stale")
+
+
+def archive_bytes(source: Path, excludes: list[str]) -> bytes:
+    buffer = io.BytesIO()
+    write_archive(source, excludes, buffer)
+    return buffer.getvalue()
+
+
+def restore(data: bytes, target: Path, excludes: list[str]) -> None:
+    """Run the restore steps in the order dtrguard.restore runs them."""
+    journal = SwapJournal(target)
+    keep = excluded_paths(target, excludes)
+    journal.begin("set-1")
+    _, root = extract_archive(io.BytesIO(data), journal.staging, target)
+    journal.swap("set-1", root_attributes(root), keep)
+
+
+def expected_tree(source: Path) -> dict[str, tuple[Any, ...]]:
+    """The source tree as a restore should reproduce it: without what EXCLUDES matches."""
+    return tree(source, skip=("logs", "data/cache.tmp"))
+
+
+# Round trip
+
+
+def test_round_trip_reproduces_tree(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+    build_old_target(target)
+
+    restore(archive_bytes(source, EXCLUDES), target, EXCLUDES)
+
+    assert tree(target) == expected_tree(source)
+
+
+def test_round_trip_keeps_attributes(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+    build_old_target(target)
+
+    restore(archive_bytes(source, EXCLUDES), target, EXCLUDES)
+
+    conf = (target / "conf").lstat()
+    settings = (target / "conf" / "settings.yml").lstat()
+    assert stat.S_IMODE(conf.st_mode) == 0o2770
+    assert (conf.st_uid, conf.st_gid) == (1000, 1000)
+    assert stat.S_IMODE(settings.st_mode) == 0o640
+    assert (settings.st_uid, settings.st_gid) == (1000, 1000)
+    assert stat.S_IMODE((target / "secret.key").lstat().st_mode) == 0o600
+    assert os.readlink(target / "conf" / "current.yml") == "settings.yml"
+    assert (target / "data" / "blob").stat().st_ino == (target / "data" / "blob-link").stat().st_ino
+    assert (target / "empty").is_dir()
+    assert (target / "secret.key").stat().st_mtime_ns == MTIME_NS + 7 * SECOND_NS
+    assert (target / "conf").stat().st_mtime_ns == MTIME_NS
+    assert target.stat().st_mtime_ns == MTIME_NS
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+
+
+def test_round_trip_removes_old_files(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+    build_old_target(target)
+
+    restore(archive_bytes(source, EXCLUDES), target, EXCLUDES)
+
+    assert not (target / "old.txt").exists()
+    assert not (target / "stale").exists()
+    assert not (target / WORK_DIR).exists()
+
+
+def test_archive_leaves_out_excluded_paths(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    build_source(source)
+    (source / WORK_DIR).mkdir()
+
+    with tarfile.open(fileobj=io.BytesIO(archive_bytes(source, EXCLUDES))) as tar:
+        names = tar.getnames()
+
+    assert "logs" not in names
+    assert [name for name in names if name.startswith("logs/")] == []
+    assert "data/cache.tmp" not in names
+    assert WORK_DIR not in names
+    assert "data/blob-link" in names
+
+
+def test_archive_records_numeric_owners(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    build_source(source)
+
+    with tarfile.open(fileobj=io.BytesIO(archive_bytes(source, EXCLUDES))) as tar:
+        conf = tar.getmember("conf")
+        link = tar.getmember("data/blob-link")
+
+    assert (conf.uid, conf.gid) == (1000, 1000)
+    assert (conf.uname, conf.gname) == ("", "")
+    assert stat.S_IMODE(conf.mode) == 0o2770
+    assert link.islnk()
+    assert link.linkname == "data/blob"
+
+
+def test_archive_skips_vanished_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "source"
+    build_source(source)
+    real_gettarinfo = tarfile.TarFile.gettarinfo
+
+    def vanishing(self: tarfile.TarFile, name: str, arcname: str | None = None, fileobj: Any = None) -> Any:
+        if arcname == "secret.key":
+            raise FileNotFoundError(name)
+        return real_gettarinfo(self, name, arcname, fileobj)
+
+    monkeypatch.setattr(tarfile.TarFile, "gettarinfo", vanishing)
+
+    stats = write_archive(source, EXCLUDES, io.BytesIO())
+
+    assert stats.skipped == ["secret.key"]
+
+
+def test_archive_missing_root_raises(tmp_path: Path) -> None:
+    with pytest.raises(archive.DtrguardError, match="not found"):
+        write_archive(tmp_path / "absent", [], io.BytesIO())
+
+
+# Poisoned archives
+
+Member = tuple[tarfile.TarInfo, bytes | None]
+
+
+def regular(name: str, data: bytes = b"poison") -> Member:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = MTIME_NS // SECOND_NS
+    return info, data
+
+
+def directory(name: str) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    return info, None
+
+
+def link(name: str, linkname: str, kind: bytes = tarfile.SYMTYPE) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info, None
+
+
+def device(name: str, kind: bytes) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.devmajor, info.devminor = 1, 3
+    return info, None
+
+
+def tar_of(members: list[Member]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+# Each case builds its members from the canary's path and the target's path. The staging
+# directory is target/.dtrguard-restore/new, so "../../../outside" from staging is the canary's directory.
+POISONED: dict[str, Callable[[Path, Path], list[Member]]] = {
+    "dotdot-name": lambda canary, target: [regular("fine"), regular("../x")],
+    "dotdot-to-canary": lambda canary, target: [regular("../../../outside/canary.txt")],
+    "absolute-name": lambda canary, target: [regular(str(canary))],
+    "symlink-to-root-then-file": lambda canary, target: [link("evil", "/"), regular("evil" + str(canary))],
+    "file-through-inner-symlink": lambda canary, target: [
+        directory("sub"),
+        link("inner", "sub"),
+        regular("inner/x"),
+    ],
+    "symlink-parent-escape": lambda canary, target: [link("up", "../../outside")],
+    "nested-symlink-escape": lambda canary, target: [directory("a"), link("a/up", "../../outside")],
+    "symlink-absolute-outside": lambda canary, target: [link("abs", str(canary))],
+    "symlink-chain-escape": lambda canary, target: [
+        directory("deep"),
+        link("deep/up", ".."),
+        link("escape", "deep/up/../outside"),
+    ],
+    "symlink-chain-built-late": lambda canary, target: [
+        link("escape", "deep/up/../outside"),
+        directory("deep"),
+        link("deep/up", ".."),
+    ],
+    "hardlink-dotdot": lambda canary, target: [regular("x"), link("h", "../x", tarfile.LNKTYPE)],
+    "hardlink-absolute": lambda canary, target: [link("h", str(canary), tarfile.LNKTYPE)],
+    "hardlink-through-symlink": lambda canary, target: [
+        link("live", str(target / "live.txt")),
+        link("h", "live", tarfile.LNKTYPE),
+    ],
+    "file-over-symlink": lambda canary, target: [
+        link("live", str(target / "live.txt")),
+        regular("live", b"written through the link"),
+    ],
+    "char-device": lambda canary, target: [device("null", tarfile.CHRTYPE)],
+    "block-device": lambda canary, target: [device("disk", tarfile.BLKTYPE)],
+    "work-dir-name": lambda canary, target: [directory(WORK_DIR), regular(f"{WORK_DIR}/journal.json", b"{}")],
+}
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Path:
+    path = tmp_path / "outside" / "canary.txt"
+    path.parent.mkdir()
+    path.write_text("canary")
+    os.utime(path, ns=(MTIME_NS, MTIME_NS))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(POISONED))
+def test_poisoned_archive_rejected(case: str, tmp_path: Path, canary: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "live.txt").write_text("live")
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    before = tree(tmp_path, skip=(f"target/{STAGING}",))
+    data = tar_of(POISONED[case](canary, target))
+
+    with pytest.raises(UnsafeArchive):
+        extract_archive(io.BytesIO(data), journal.staging, target)
+
+    assert canary.read_text() == "canary"
+    assert canary.stat().st_mtime_ns == MTIME_NS
+    assert (target / "live.txt").read_text() == "live"
+    assert tree(tmp_path, skip=(f"target/{STAGING}",)) == before
+
+
+def test_duplicate_member_rejected(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    data = tar_of([regular("a", b"first"), regular("a", b"second")])
+
+    with pytest.raises(UnsafeArchive, match="more than once"):
+        extract_archive(io.BytesIO(data), journal.staging, target)
+
+
+def test_symlink_loop_inside_accepted(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    data = tar_of([link("a", "b"), link("b", "a"), link("absolute", str(target / "a"))])
+
+    stats, _ = extract_archive(io.BytesIO(data), journal.staging, target)
+
+    assert stats.files == 3
+
+
+class FailingStream(io.BytesIO):
+    """A stream that raises ConnectionResetError once more than limit bytes were read."""
+
+    def __init__(self, data: bytes, limit: int):
+        super().__init__(data)
+        self.limit = limit
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self.tell() > self.limit:
+            raise ConnectionResetError("download interrupted")
+        return super().read(size)
+
+
+def test_failed_extraction_keeps_target(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.mkdir()
+    for index in range(8):
+        (source / f"file-{index}").write_bytes(os.urandom(64 * 1024))
+    build_old_target(target)
+    data = archive_bytes(source, [])
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    before = tree(target, skip=(WORK_DIR,))
+
+    with pytest.raises(ConnectionResetError):
+        extract_archive(FailingStream(data, len(data) // 2), journal.staging, target)
+
+    assert tree(target, skip=(WORK_DIR,)) == before
+    assert (journal.read() or {}).get("phase") == "extracting"
+    assert any(journal.staging.iterdir())
+
+
+# Interrupted swaps
+
+
+def build_swap(tmp_path: Path) -> tuple[Path, Path, bytes]:
+    """Build a live target with old entries and a kept logs dir, and an archive of new contents."""
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.mkdir()
+    (source / "conf").mkdir()
+    (source / "conf" / "new.yml").write_text("new")
+    (source / "data").mkdir()
+    (source / "data" / "blob").write_bytes(b"new blob")
+    (source / "new.txt").write_text("new")
+    set_mtimes(source)
+    target.mkdir()
+    (target / "conf").mkdir()
+    (target / "conf" / "old.yml").write_text("old")
+    (target / "old-a").write_text("old")
+    (target / "old-b").mkdir()
+    (target / "logs").mkdir()
+    (target / "logs" / "current.log").write_text("kept log")
+    return source, target, archive_bytes(source, ["logs"])
+
+
+# One rename carries logs, three move the other live entries aside, and four install the staged ones.
+SWAP_RENAMES = 1 + 3 + 4
+
+
+@pytest.mark.parametrize("crash_at", range(1, SWAP_RENAMES + 1))
+def test_interrupted_swap_finishes_on_retry(crash_at: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target, data = build_swap(tmp_path)
+    kept_logs = {("logs" if name == "." else f"logs/{name}"): entry for name, entry in tree(target / "logs").items()}
+    expected = tree(source) | kept_logs
+    log_inode = (target / "logs" / "current.log").stat().st_ino
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    _, root = extract_archive(io.BytesIO(data), journal.staging, target)
+    real_rename = os.rename
+    calls = 0
+
+    def crashing_rename(source_path: Any, destination: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == crash_at:
+            raise OSError("simulated crash")
+        real_rename(source_path, destination)
+
+    monkeypatch.setattr(archive.os, "rename", crashing_rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        journal.swap("set-1", root_attributes(root), excluded_paths(target, ["logs"]))
+    monkeypatch.setattr(archive.os, "rename", real_rename)
+
+    pending = journal.read() or {}
+    SwapJournal(target).swap(str(pending.get("set_id")), None, excluded_paths(target, ["logs"]))
+
+    assert pending.get("set_id") == "set-1"
+    assert tree(target) == expected
+    assert (target / "logs" / "current.log").stat().st_ino == log_inode
+    assert not (target / WORK_DIR).exists()
+
+
+def test_swap_count_matches_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards SWAP_RENAMES, so the crash points above cover every rename of a swap."""
+    _, target, data = build_swap(tmp_path)
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    _, root = extract_archive(io.BytesIO(data), journal.staging, target)
+    real_rename = os.rename
+    calls: list[str] = []
+
+    def counting_rename(source_path: Any, destination: Any) -> None:
+        calls.append(str(source_path))
+        real_rename(source_path, destination)
+
+    monkeypatch.setattr(archive.os, "rename", counting_rename)
+    journal.swap("set-1", root_attributes(root), excluded_paths(target, ["logs"]))
+
+    assert len(calls) == SWAP_RENAMES
+
+
+def test_swap_resumes_after_cleanup_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target, data = build_swap(tmp_path)
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    _, root = extract_archive(io.BytesIO(data), journal.staging, target)
+    real_rmtree = shutil.rmtree
+
+    def crashing_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        # A crash part-way through removing the work dir: the staging and old dirs are gone.
+        real_rmtree(journal.staging)
+        real_rmtree(journal.old)
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(archive.shutil, "rmtree", crashing_rmtree)
+    with pytest.raises(OSError, match="simulated crash"):
+        journal.swap("set-1", root_attributes(root), excluded_paths(target, ["logs"]))
+    monkeypatch.setattr(archive.shutil, "rmtree", real_rmtree)
+
+    SwapJournal(target).swap("set-1", None, excluded_paths(target, ["logs"]))
+
+    assert not (target / WORK_DIR).exists()
+    assert (target / "new.txt").read_text() == "new"
+    assert (target / "logs" / "current.log").read_text() == "kept log"
+
+
+# Kept paths
+
+
+def test_swap_keeps_nested_excluded_file(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    pattern = ["postgres-data/PG_VERSION"]
+    (source / "postgres-data").mkdir(parents=True)
+    (source / "postgres-data" / "PG_VERSION").write_text("archived copy\n")
+    (source / "postgres-data" / "pg_hba.conf").write_text("archived hba\n")
+    (target / "postgres-data").mkdir(parents=True)
+    pg_version = target / "postgres-data" / "PG_VERSION"
+    pg_version.write_text("9.4\n")
+    os.chown(pg_version, 999, 999)
+    os.chmod(pg_version, 0o600)
+    (target / "postgres-data" / "pg_hba.conf").write_text("live hba\n")
+    before = pg_version.stat()
+
+    restore(archive_bytes(source, pattern), target, pattern)
+
+    after = pg_version.stat()
+    assert pg_version.read_text() == "9.4\n"
+    assert after.st_ino == before.st_ino
+    assert (after.st_uid, after.st_gid) == (999, 999)
+    assert stat.S_IMODE(after.st_mode) == 0o600
+    assert (target / "postgres-data" / "pg_hba.conf").read_text() == "archived hba\n"
+
+
+def test_swap_live_copy_beats_archived(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    (source / "postgres-data" / "base").mkdir(parents=True)
+    (source / "postgres-data" / "base" / "1").write_text("archived")
+    (target / "postgres-data").mkdir(parents=True)
+    (target / "postgres-data" / "PG_VERSION").write_text("9.4\n")
+
+    # An archive taken before the exclude pattern was added contains the path the restore keeps.
+    restore(archive_bytes(source, []), target, ["postgres-data"])
+
+    assert (target / "postgres-data" / "PG_VERSION").read_text() == "9.4\n"
+    assert not (target / "postgres-data" / "base").exists()
+
+
+def test_excluded_paths_lists_matches_only(tmp_path: Path) -> None:
+    (tmp_path / "logs" / "deep").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.tmp").write_text("")
+    (tmp_path / "data" / "keep.txt").write_text("")
+    (tmp_path / WORK_DIR).mkdir()
+
+    assert excluded_paths(tmp_path, EXCLUDES) == ["data/a.tmp", "logs"]
+
+
+def test_swap_rejects_kept_path_through_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    (target / "postgres-data").mkdir(parents=True)
+    (target / "postgres-data" / "PG_VERSION").write_text("9.4\n")
+    (target / "other").mkdir()
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    data = tar_of([directory("other"), link("postgres-data", str(target / "other"))])
+    _, root = extract_archive(io.BytesIO(data), journal.staging, target)
+    before = tree(target, skip=(WORK_DIR,))
+
+    with pytest.raises(UnsafeArchive, match="PG_VERSION"):
+        journal.swap("set-1", root_attributes(root), ["postgres-data/PG_VERSION"])
+
+    assert tree(target, skip=(WORK_DIR,)) == before
+
+
+def test_swap_without_staging_raises(tmp_path: Path) -> None:
+    _, target, data = build_swap(tmp_path)
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    journal.write("set-1", "clearing")
+    shutil.rmtree(journal.staging)
+    before = tree(target, skip=(WORK_DIR,))
+
+    with pytest.raises(archive.IntegrityError, match="missing"):
+        journal.swap("set-1", None, [])
+
+    assert tree(target, skip=(WORK_DIR,)) == before
