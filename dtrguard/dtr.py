@@ -124,7 +124,8 @@ class Dtr:
         _log.info("dtr.install.start", command=command)
         started = time.monotonic()
         try:
-            result = subprocess.run(command, capture_output=True, timeout=1800, check=False)
+            # A session of its own keeps a terminal's Ctrl-C, meant for dtrguard, away from the installer.
+            result = subprocess.run(command, capture_output=True, timeout=1800, check=False, start_new_session=True)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CommandError(f"DTR install command {command[0]} failed: {exc}") from None
         if result.returncode != 0:

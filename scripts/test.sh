@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check dtrguard tests
-.venv/bin/ruff format --check dtrguard tests
+.venv/bin/ruff check dtrguard tests scripts
+.venv/bin/ruff format --check dtrguard tests scripts
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dtrnode import DtrNode, remove_containers  # noqa: E402
+from dtrnode import RUNNING, DtrNode, remove_containers  # noqa: E402
 from servers import MotoServer  # noqa: E402
 
 # No test may reach the EC2 metadata address or real AWS credentials.
@@ -73,5 +73,7 @@ def make_node(tmp_path: Path, moto_server: MotoServer, bucket: str, dtr_containe
         return node
 
     yield factory
+    while RUNNING:
+        RUNNING.pop().kill()
     for node in created:
         node.destroy()

@@ -27,6 +27,7 @@ from images import APP_VERSION
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 CONTAINERS = [PREFIX + "postgres", *(PREFIX + role for role in APP_ROLES)]
+RUNNING: list[Daemon] = []  # every daemon started, so a failed test cannot leave one behind
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DtrNode:
     interval: str = "2s"
     extra_config: str = ""
     imds_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment of every dtrguard process
 
     @property
     def etc(self) -> Path:
@@ -152,12 +154,16 @@ stop_timeout = "5s"
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=test_env(env),
+            env=test_env({**self.env, **(env or {})}),
             cwd=REPO,
         )
 
     def start(self) -> Daemon:
-        return Daemon([sys.executable, "-m", "dtrguard", "--config", str(self.config_path), "run"])
+        daemon = Daemon(
+            [sys.executable, "-m", "dtrguard", "--config", str(self.config_path), "run"], test_env(self.env)
+        )
+        RUNNING.append(daemon)
+        return daemon
 
 
 def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -180,12 +186,13 @@ class Daemon:
     """`dtrguard run` as a child process, with its JSON events collected as they arrive."""
 
     argv: list[str]
+    env: dict[str, str]
     events: list[dict[str, Any]] = field(default_factory=list)
     other_lines: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.process = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=test_env(), cwd=REPO
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, cwd=REPO
         )
         self.changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -230,6 +237,11 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise AssertionError(f"dtrguard did not exit within {timeout} s of SIGTERM:\n{self.dump()}") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
 
     def wait_exit(self, timeout: float = 120) -> int:
         return self.process.wait(timeout)
