@@ -269,3 +269,66 @@ def test_list_and_verify_commands(make_node: Any) -> None:
     assert len(verified) == 5
     status = node.command("status", "--json")
     assert json.loads(status.stdout)["last_backup"]["set_id"] == second
+
+
+def copy_set(s3: Any, repository: Repository, set_id: str, new_id: str, change: Any) -> None:
+    """Write set new_id as a copy of set_id; change(manifest, artifact, data) may alter each artifact."""
+    manifest = parse(s3.get_object(Bucket=repository.bucket, Key=repository.manifest_key(set_id))["Body"].read(), "m")
+    artifacts = []
+    for artifact in manifest.artifacts:
+        data = s3.get_object(Bucket=repository.bucket, Key=artifact.key)["Body"].read()
+        data = change(artifact, data)
+        key = repository.artifact_key(new_id, artifact.name)
+        s3.put_object(Bucket=repository.bucket, Key=key, Body=data)
+        artifacts.append(dataclasses.replace(artifact, key=key))
+    repository.put_manifest(dataclasses.replace(manifest, set_id=new_id, artifacts=tuple(artifacts)))
+
+
+def test_newer_postgres_dump_refused(make_node: Any, moto_server: Any, s3: Any, bucket: str) -> None:
+    node = node_with_data(make_node)
+    good = backup_once(node)
+    repository = Repository(S3Settings(bucket=bucket, prefix="dtr/test", endpoint_url=moto_server.url))
+    manifest = parse(s3.get_object(Bucket=bucket, Key=repository.manifest_key(good))["Body"].read(), "m")
+    newer = dataclasses.replace(
+        manifest, set_id="29990101T000000Z-0000000f", postgres_server_version="17.2", postgres_server_version_num=170002
+    )
+    repository.put_manifest(newer)
+    sql(None, "insert into settings values ('live', 'row')")
+    tables = table_contents()
+
+    result = node.command("restore", newer.set_id, "--force")
+    assert result.returncode == EXIT_REFUSED
+    assert "Postgres 17.2" in result.stderr
+    assert table_contents() == tables
+
+
+def test_database_restore_all_or_nothing(make_node: Any, moto_server: Any, s3: Any, bucket: str) -> None:
+    node = node_with_data(make_node)
+    # Enough rows that the dump spans several download chunks, so pg_restore receives part of it.
+    sql(None, "insert into tags (name, manifest) select 'bulk-' || g, to_jsonb(md5(g::text) || md5(random()::text))"
+        " from generate_series(1, 150000) g", database="dtr")  # fmt: skip
+    good = backup_once(node)
+    original = table_contents()
+    repository = Repository(S3Settings(bucket=bucket, prefix="dtr/test", endpoint_url=moto_server.url))
+
+    def corrupt_database(artifact: Any, data: bytes) -> bytes:
+        if artifact.name != "db-dtr.dump.zst":
+            return data
+        assert len(data) > 2 * 1024 * 1024, "the dump must span several download chunks"
+        changed = bytearray(data)
+        changed[-64] ^= 0xFF  # past the first chunks, so pg_restore has started before the check fails
+        return bytes(changed)
+
+    copy_set(s3, repository, good, "29990101T000000Z-000000aa", corrupt_database)
+    sql(None, "insert into repositories (namespace, name) values ('marker', 'before-restore')", database="dtr")
+    with_marker = table_contents()
+
+    result = node.command("restore", "29990101T000000Z-000000aa", "--force")
+    assert result.returncode == 1
+    assert "db-dtr.dump.zst" in result.stderr
+    assert table_contents() == with_marker  # rolled back: the marker row is still there
+
+    for _ in range(2):  # a second run gives the same rows, not duplicates
+        result = node.command("restore", good, "--force")
+        assert result.returncode == 0, result.stderr
+        assert table_contents() == original
