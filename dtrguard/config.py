@@ -78,6 +78,7 @@ class ScheduleSettings:
 
     interval: float = 900.0
     misfire_grace: float = 300.0
+    backup_timeout: float = 3600.0
     retry_initial_delay: float = 5.0
     retry_max_delay: float = 300.0
 
@@ -254,6 +255,7 @@ def _parse_schedule(table: _Table) -> ScheduleSettings:
     settings = ScheduleSettings(
         interval=table.duration("interval", 900.0),
         misfire_grace=table.duration("misfire_grace", 300.0),
+        backup_timeout=table.duration("backup_timeout", 3600.0),
         retry_initial_delay=table.duration("retry_initial_delay", 5.0),
         retry_max_delay=table.duration("retry_max_delay", 300.0),
     )

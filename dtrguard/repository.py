@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any, cast
 
 import boto3
@@ -149,13 +149,16 @@ class Repository:
             raise unavailable(f"read of {key}", exc) from None
         return self.read_manifest(key)
 
-    def open(self, artifact: Artifact) -> io.BufferedReader:
-        """Open an artifact for reading: decompressed bytes, checked against the manifest."""
+    def open(self, artifact: Artifact, on_bytes: Callable[[int], None] | None = None) -> io.BufferedReader:
+        """Open an artifact for reading: decompressed bytes, checked against the manifest.
+
+        on_bytes, if given, is called with the size of each compressed chunk as it arrives.
+        """
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=artifact.key)["Body"]
         except (ClientError, BotoCoreError) as exc:
             raise unavailable(f"read of {artifact.key}", exc) from None
-        verified = VerifiedStream(body.iter_chunks(DOWNLOAD_CHUNK), artifact)
+        verified = VerifiedStream(body.iter_chunks(DOWNLOAD_CHUNK), artifact, on_bytes)
         reader = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], verified), read_across_frames=True)
         return io.BufferedReader(reader, buffer_size=DOWNLOAD_CHUNK)
 
@@ -271,9 +274,10 @@ class VerifiedStream(io.RawIOBase):
     end of a stream that failed its check, and fails on the truncated input instead.
     """
 
-    def __init__(self, chunks: Iterator[bytes], artifact: Artifact):
+    def __init__(self, chunks: Iterator[bytes], artifact: Artifact, on_bytes: Callable[[int], None] | None = None):
         self.chunks = chunks
         self.artifact = artifact
+        self.on_bytes = on_bytes
         self.sha256 = hashlib.sha256()
         self.received = 0
         self.held = b""
@@ -302,6 +306,8 @@ class VerifiedStream(io.RawIOBase):
             return
         self.sha256.update(chunk)
         self.received += len(chunk)
+        if self.on_bytes is not None:
+            self.on_bytes(len(chunk))
         if self.received > self.artifact.size:
             raise IntegrityError(
                 f"artifact {self.artifact.key} is larger than the {self.artifact.size} bytes its manifest records",

@@ -23,8 +23,35 @@ from dtrguard.node import Node
 _log = log.get("restore")
 
 
-def restore_set(node: Node, manifest: Manifest, cancel: threading.Event) -> None:
+class Progress:
+    """Bytes of a set downloaded so far, for the status line systemd shows."""
+
+    def __init__(self, manifest: Manifest):
+        self.set_id = manifest.set_id
+        self.total = manifest.total_size()
+        self.done = 0
+        self.phase = "directories"
+
+    def add(self, count: int) -> None:
+        self.done += count
+
+    def line(self) -> str:
+        percent = 100 * self.done // self.total if self.total else 100
+        return f"restoring set {self.set_id}: {percent} % of {human_size(self.total)} ({self.phase})"
+
+
+def human_size(count: float) -> str:
+    """Format a byte count as 1.2 GB, 340 MB, 12 kB or 512 B (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progress: Progress | None = None) -> None:
     """Restore every artifact of manifest and start DTR."""
+    progress = progress or Progress(manifest)
     set_id = manifest.set_id
     clock = time.monotonic()
     _log.info("restore.start", set_id=set_id, bytes=manifest.total_size(), instance_id=manifest.instance_id)
@@ -35,17 +62,21 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event) -> None
     node.dtr.stop_all_but_postgres()
     for directory in node.settings.directories:
         _checkpoint(cancel, set_id)
-        restore_directory(node, manifest, directory)
+        restore_directory(node, manifest, directory, progress)
 
+    progress.phase = "database"
     if not node.dtr.containers():
+        progress.phase = "installing DTR"
         node.dtr.install(manifest.dtr_version)
         node.dtr.stop_all_but_postgres()
     node.dtr.start_postgres()
     node.postgres.wait_ready()
     check_postgres_version(node, manifest)
     _checkpoint(cancel, set_id)
-    restore_database(node, manifest)
+    progress.phase = "database"
+    restore_database(node, manifest, progress)
 
+    progress.phase = "starting DTR"
     node.dtr.start_all()
     _log.info("restore.end", set_id=set_id, seconds=round(time.monotonic() - clock, 2))
 
@@ -76,7 +107,9 @@ def check_postgres_version(node: Node, manifest: Manifest) -> None:
         )
 
 
-def restore_directory(node: Node, manifest: Manifest, directory: DirectorySettings) -> None:
+def restore_directory(
+    node: Node, manifest: Manifest, directory: DirectorySettings, progress: Progress | None = None
+) -> None:
     """Replace a directory's contents with the set's archive; excluded paths stay as they are."""
     artifact = _artifact(manifest, "directory", str(directory.path))
     target = directory.path
@@ -95,7 +128,7 @@ def restore_directory(node: Node, manifest: Manifest, directory: DirectorySettin
     clock = time.monotonic()
     _log.info("directory.start", set_id=manifest.set_id, directory=str(target), bytes=artifact.size)
     journal.begin(manifest.set_id)
-    with node.repository.open(artifact) as stream:
+    with node.repository.open(artifact, progress.add if progress else None) as stream:
         stats, root = extract_archive(stream, journal.staging, target)
     journal.swap(manifest.set_id, root_attributes(root), keep)
     _log.info(
@@ -104,17 +137,18 @@ def restore_directory(node: Node, manifest: Manifest, directory: DirectorySettin
     )  # fmt: skip
 
 
-def restore_database(node: Node, manifest: Manifest) -> None:
+def restore_database(node: Node, manifest: Manifest, progress: Progress | None = None) -> None:
     """Restore the roles, then every database, each in one transaction."""
     clock = time.monotonic()
     _log.info("database.start", set_id=manifest.set_id)
-    with node.repository.open(_artifact(manifest, "globals", "")) as stream:
+    on_bytes = progress.add if progress else None
+    with node.repository.open(_artifact(manifest, "globals", ""), on_bytes) as stream:
         node.postgres.restore_globals(stream)
     for artifact in manifest.artifacts:
         if artifact.kind != "database":
             continue
         node.postgres.ensure_database(artifact.source, artifact.owner or node.settings.postgres.user)
-        with node.repository.open(artifact) as stream:
+        with node.repository.open(artifact, on_bytes) as stream:
             node.postgres.restore_database(artifact.source, stream)
         _log.info("database.restored", set_id=manifest.set_id, database=artifact.source, bytes=artifact.size)
     _log.info("database.end", set_id=manifest.set_id, seconds=round(time.monotonic() - clock, 2))

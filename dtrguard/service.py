@@ -13,6 +13,7 @@ The first-boot decision, for a node this state file does not already know:
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -34,7 +35,7 @@ from dtrguard.instance import instance_id
 from dtrguard.manifest import Manifest, utc_now
 from dtrguard.node import Node
 from dtrguard.notify import notify
-from dtrguard.restore import restore_set
+from dtrguard.restore import Progress, restore_set
 from dtrguard.state import LastBackup, State
 
 _log = log.get("service")
@@ -54,6 +55,9 @@ class Agent:
         self.scheduler: BackgroundScheduler | None = None
         self.job: Job | None = None
         self.refusal: RefusedError | None = None
+        self.progress: Progress | None = None  # set while a restore runs
+        self.backup_started: float | None = None  # time.monotonic() of the running backup
+        self.stuck_reported = False
 
     # Start-up
 
@@ -85,7 +89,11 @@ class Agent:
         self.state.restoring_set = manifest.set_id
         self.state.established = False
         self.save()
-        restore_set(node, manifest, self.cancel)
+        self.progress = Progress(manifest)
+        try:
+            restore_set(node, manifest, self.cancel, self.progress)
+        finally:
+            self.progress = None
         self.state.restoring_set = None
         self.state.restored_set = manifest.set_id
         self.state.established = True
@@ -95,7 +103,7 @@ class Agent:
     def backup(self) -> Manifest:
         """Take a backup set and record the result in the state file."""
         node = self.connect()
-        clock = time.monotonic()
+        clock = self.backup_started = time.monotonic()
         try:
             manifest = take_backup(node, self.instance_id, self.cancel)
         except DtrguardError as exc:
@@ -103,6 +111,9 @@ class Agent:
             self.state.last_error = str(exc)
             self.save()
             raise
+        finally:
+            self.backup_started = None
+            self.stuck_reported = False
         result = LastBackup("ok", manifest.finished_at, manifest.set_id, manifest.total_size(),
                             round(time.monotonic() - clock, 2))  # fmt: skip
         self.state.last_backup = self.state.last_good_backup = result
@@ -176,6 +187,7 @@ class Agent:
         """Serve until SIGTERM or SIGINT. Raises DtrguardError on a failure that ends the service."""
         self._install_signal_handlers()
         _log.info("service.start", config=str(self.settings.source))
+        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
         notify(STATUS="starting: deciding whether this node is new")
         self.retry("read instance id", self.identify)
         if self.stop.is_set():
@@ -212,6 +224,30 @@ class Agent:
         finally:
             self._update_next_run()
             notify(STATUS=self.status_line())
+
+    def healthy(self) -> bool:
+        """Report whether to keep pinging systemd's watchdog: False once a backup overran its timeout."""
+        started = self.backup_started
+        timeout = self.settings.schedule.backup_timeout
+        if started is None or time.monotonic() - started <= timeout:
+            return True
+        if not self.stuck_reported:
+            self.stuck_reported = True
+            _log.error(
+                "backup.stuck", timeout_seconds=timeout, hint="watchdog pings stop, so systemd restarts dtrguard"
+            )
+        return False
+
+    def _watchdog(self) -> None:
+        """Ping systemd's watchdog while healthy, and publish restore progress as the unit's status."""
+        interval = watchdog_interval()
+        period = min(interval, 5.0) if interval else 5.0
+        while not self.stop.wait(period):
+            progress = self.progress
+            if progress is not None:
+                notify(STATUS=progress.line())
+            if interval and self.healthy():
+                notify(WATCHDOG="1")
 
     def status_line(self) -> str:
         last = self.state.last_backup
@@ -267,3 +303,15 @@ class Agent:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         _log.info("service.stop")
+
+
+def watchdog_interval() -> float | None:
+    """Return half of systemd's watchdog timeout in seconds, or None when no watchdog is set for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2_000_000
+    except ValueError:
+        return None
