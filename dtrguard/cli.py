@@ -17,6 +17,7 @@ from typing import Any
 from dtrguard import __version__, config, log, state
 from dtrguard.errors import EXIT_FAILURE, EXIT_OK, DtrguardError, RefusedError
 from dtrguard.manifest import Manifest, utc_now
+from dtrguard.node import directory_has_entries
 from dtrguard.restore import describe_plan
 from dtrguard.service import Agent
 
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON")
     verify = commands.add_parser("verify", help="download a set and check every artifact's size and sha256")
     verify.add_argument("set", nargs="?", default="latest", help="a set id or 'latest' (default)")
+    prepare = commands.add_parser(
+        "prepare-image", help="remove dtrguard's state before an AMI is made; rejected while DTR data is present"
+    )
+    prepare.add_argument("--yes", action="store_true", help="confirm; without it, only print what would be removed")
     status = commands.add_parser("status", help="print this node's state: instance, last backup, next run")
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -145,6 +150,29 @@ def _status(agent: Agent, args: argparse.Namespace) -> None:
               f" ({report['last_backup_age_seconds']} s ago, {last.size} bytes)")  # fmt: skip
 
 
+def _prepare_image(agent: Agent, args: argparse.Namespace) -> None:
+    """Leave nothing in the image that would make a booted copy think it is an existing node."""
+    settings = agent.settings
+    node = agent.connect()
+    found = [str(d.path) for d in settings.directories if directory_has_entries(d.path)]
+    rows = node.database_rows() if node.dtr.postgres() is not None else None
+    if found or rows:
+        where = ", ".join(found + ([f"{rows} rows in {settings.postgres.container}"] if rows else []))
+        raise RefusedError(
+            f"this node has DTR data ({where}); an image made from it would carry that data",
+            hint="bake images on an instance without DTR data: back this node up with `dtrguard backup`,"
+            " then build the image from a fresh instance; prepare-image never deletes DTR data",
+        )
+    state_file = settings.node.state_dir / state.FILE_NAME
+    if not args.yes:
+        print(f"would remove {state_file}" if state_file.exists() else f"nothing to remove ({state_file} is absent)")
+        print("run again with --yes to remove it")
+        return
+    state_file.unlink(missing_ok=True)
+    _log.info("image.prepared", removed=str(state_file))
+    print(f"removed {state_file}; the image has no dtrguard state")
+
+
 COMMANDS = {
     "run": _run,
     "backup": _backup,
@@ -152,6 +180,7 @@ COMMANDS = {
     "list": _list,
     "verify": _verify,
     "status": _status,
+    "prepare-image": _prepare_image,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -20,6 +21,14 @@ from dtrguard.repository import Repository
 
 class DockerUnavailable(TransientError):
     """The Docker Engine did not respond."""
+
+
+def directory_has_entries(path: Path) -> bool:
+    """Report whether a directory exists and has entries other than dtrguard's restore work directory."""
+    try:
+        return any(name != WORK_DIR for name in os.listdir(path))
+    except FileNotFoundError:
+        return False
 
 
 @dataclass
@@ -59,11 +68,7 @@ class Node:
 
     def config_dir_has_data(self) -> bool:
         """Report whether DTR's config directory (the first configured directory) has entries."""
-        path = self.settings.directories[0].path
-        try:
-            return any(name != WORK_DIR for name in os.listdir(path))
-        except FileNotFoundError:
-            return False
+        return directory_has_entries(self.settings.directories[0].path)
 
     def database_rows(self) -> int | None:
         """Count rows in all user tables, or return None when no Postgres container exists."""

@@ -39,7 +39,8 @@ class DtrNode:
     bucket: str
     instance_id: str
     interval: str = "2s"
-    extra_config: str = ""
+    extra_config: str = ""  # appended after the [dtr] table
+    schedule_config: str = ""  # appended inside the [schedule] table
     imds_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the environment of every dtrguard process
 
@@ -92,6 +93,7 @@ interval = "{self.interval}"
 misfire_grace = "30s"
 retry_initial_delay = "0.5s"
 retry_max_delay = "2s"
+{self.schedule_config}
 
 [[directories]]
 path = "{self.etc}"

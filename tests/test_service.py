@@ -1,0 +1,129 @@
+"""The daemon's systemd protocol (sd_notify, watchdog) and the prepare-image command."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtrguard.errors import EXIT_REFUSED
+
+from dtrnode import DtrNode
+
+pytestmark = pytest.mark.docker
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's $NOTIFY_SOCKET, recording every message."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.5)
+        self.messages: list[dict[str, str]] = []
+        self.closed = threading.Event()
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self) -> None:
+        while not self.closed.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append(fields)
+
+    def values(self, key: str) -> list[str]:
+        return [m[key] for m in list(self.messages) if key in m]
+
+    def close(self) -> None:
+        self.closed.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    listener = NotifySocket(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+def test_notify_ready_status_stopping(make_node: Any, notify_socket: NotifySocket) -> None:
+    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    node.install()
+    node.seed()
+    daemon = node.start()
+    daemon.wait_for("schedule.start")
+    daemon.wait_for("backup.end", count=2)
+    assert daemon.stop() == 0
+
+    assert notify_socket.values("READY") == ["1"]
+    assert notify_socket.values("STOPPING") == ["1"]
+    statuses = notify_socket.values("STATUS")
+    assert statuses[0].startswith("starting")
+    assert any(s.startswith("idle; last backup ") and " ok at " in s for s in statuses)
+    assert notify_socket.values("WATCHDOG") == []  # no WATCHDOG_USEC, so no pings
+
+
+def test_watchdog_pings_then_stops_when_stuck(make_node: Any, notify_socket: NotifySocket) -> None:
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "400000"}
+    # Any backup outlasts a timeout of 1 ms, so the watchdog must report it as stuck.
+    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", env=env, schedule_config='backup_timeout = "1ms"', interval="3s")
+    node.install()
+    node.seed()
+    daemon = node.start()
+    stuck = daemon.wait_for("backup.stuck")[0]
+    daemon.wait_for("backup.end")
+    assert daemon.stop() == 0
+    assert stuck["level"] == "error"
+    assert notify_socket.values("WATCHDOG"), "the watchdog was never pinged"
+
+
+def test_restore_status_shows_progress(make_node: Any, notify_socket: NotifySocket) -> None:
+    node_a: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa")
+    node_a.install()
+    node_a.seed()
+    assert node_a.command("backup").returncode == 0
+    node_a.destroy()
+
+    node_b: DtrNode = make_node("i-0bbbbbbbbbbbbbbbb", env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    daemon = node_b.start()
+    daemon.wait_for("restore.end")
+    daemon.wait_for("schedule.start")
+    assert daemon.stop() == 0
+    restoring = [s for s in notify_socket.values("STATUS") if s.startswith("restoring set ")]
+    assert restoring, notify_socket.messages
+    assert " % of " in restoring[-1]
+
+
+def test_prepare_image_rejects_node_with_data(make_node: Any) -> None:
+    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa")
+    node.install()
+    node.seed()
+    assert node.command("backup").returncode == 0
+    state_file = node.state_dir / "state.json"
+    result = node.command("prepare-image", "--yes")
+    assert result.returncode == EXIT_REFUSED
+    assert "has DTR data" in result.stderr
+    assert state_file.exists()
+
+
+def test_prepare_image_removes_state(make_node: Any) -> None:
+    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa")
+    node.state_dir.mkdir(parents=True)
+    state_file = node.state_dir / "state.json"
+    state_file.write_text('{"instance_id": "i-0aaaaaaaaaaaaaaaa"}')
+    dry_run = node.command("prepare-image")
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert "would remove" in dry_run.stdout
+    assert state_file.exists()
+    result = node.command("prepare-image", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert not state_file.exists()
