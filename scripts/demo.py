@@ -9,6 +9,7 @@ Exit codes: 0 when node B's data equals node A's, 1 on a failure, 128 + the sign
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -41,7 +42,7 @@ import boto3  # noqa: E402
 from docker.errors import DockerException, ImageNotFound, NotFound  # noqa: E402
 
 from dtr_install import APP_ROLES  # noqa: E402
-from dtrnode import CONTAINERS, Daemon, DtrNode, client, remove_containers, table_contents, tree  # noqa: E402
+from dtrnode import CONTAINERS, DTR_NAMES_LOCK, Daemon, DtrNode, client, remove_containers, table_contents, tree  # noqa: E402
 from images import APP_IMAGE_REPO, APP_VERSION, POSTGRES_IMAGE, ensure_app_image, ensure_postgres_image  # noqa: E402
 from servers import MetadataStub, MotoServer  # noqa: E402
 
@@ -402,6 +403,13 @@ def main() -> int:
         )
         return 1
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    # The tests and the demo use DTR's fixed container names, so they take turns through this lock.
+    lock = open(DTR_NAMES_LOCK, "w")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("waiting for a test run or another demo to release the DTR container names", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
     print("dtrguard demo: node A backs up to S3 and is destroyed; node B replaces it and restores from S3", flush=True)
     demo = Demo()
     outcome, failure = 1, ""

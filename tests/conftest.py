@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import uuid
@@ -13,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dtrnode import RUNNING, DtrNode, remove_containers  # noqa: E402
+from dtrnode import DTR_NAMES_LOCK, RUNNING, DtrNode, remove_containers  # noqa: E402
 from servers import MotoServer  # noqa: E402
 
 # No test may reach the EC2 metadata address or real AWS credentials.
@@ -49,10 +50,12 @@ def bucket(s3: object) -> str:
 
 @pytest.fixture
 def dtr_containers() -> Iterator[None]:
-    """Start and end with no DTR-named containers."""
-    remove_containers()
-    yield
-    remove_containers()
+    """Start and end with no DTR-named containers, holding a lock so that two runs never share the names."""
+    with open(DTR_NAMES_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_containers()
+        yield
+        remove_containers()
 
 
 @pytest.fixture

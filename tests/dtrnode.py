@@ -27,6 +27,8 @@ from images import APP_VERSION
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 CONTAINERS = [PREFIX + "postgres", *(PREFIX + role for role in APP_ROLES)]
+# Test runs, the demo and the systemd drill all create containers with DTR's fixed names, so they take turns.
+DTR_NAMES_LOCK = "/tmp/dtrguard-dtr-names.lock"
 RUNNING: list[Daemon] = []  # every daemon started, so a failed test cannot leave one behind
 
 
