@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The daemon logs to stdout for journald; one-shot commands keep stdout for their output.
     log.configure(stream=sys.stdout if args.command == "run" else sys.stderr, verbose=args.verbose)
     try:
-        settings = config.load(config.config_path(args.config))
+        settings = config.load(config.config_path(args.config), local_only=args.command == "prepare-image")
         agent = Agent(settings)
         handler = COMMANDS[args.command]
         handler(agent, args)

@@ -134,8 +134,12 @@ def config_path(explicit: str | None) -> Path:
     return Path(explicit or os.environ.get(ENV_PATH) or DEFAULT_PATH)
 
 
-def load(path: Path) -> Settings:
-    """Read and validate the config file at path."""
+def load(path: Path, local_only: bool = False) -> Settings:
+    """Read and validate the config file at path.
+
+    local_only is for commands that never reach S3 (prepare-image): an invalid [s3] table, such
+    as the packaged file's placeholder bucket, is then accepted and S3 is left unset.
+    """
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -149,13 +153,18 @@ def load(path: Path) -> Settings:
         document = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse(document, path)
+    return parse(document, path, local_only)
 
 
-def parse(document: dict[str, Any], source: Path) -> Settings:
+def parse(document: dict[str, Any], source: Path, local_only: bool = False) -> Settings:
     """Validate a parsed TOML document and build Settings from it."""
     top = _Table(document, "", source)
-    s3 = _parse_s3(top.table("s3", required=True))
+    try:
+        s3 = _parse_s3(top.table("s3", required=True))
+    except ConfigError:
+        if not local_only:
+            raise
+        s3 = S3Settings(bucket="")
     if top.data.get("directories") == []:
         raise top.fail("directories is an empty list", "add at least one [[directories]] table, or remove the key")
     directories = _parse_directories(top.array_of_tables("directories"), source)

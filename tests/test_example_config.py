@@ -23,3 +23,9 @@ def test_example_config_matches_defaults(tmp_path: Path) -> None:
 def test_example_placeholder_bucket_rejected() -> None:
     with pytest.raises(ConfigError, match=r"s3\.bucket"):
         config.load(EXAMPLE)
+
+
+def test_example_config_loads_for_local_commands() -> None:
+    settings = config.load(EXAMPLE, local_only=True)
+    assert settings.s3.bucket == ""
+    assert settings.node.state_dir == Path("/var/lib/dtrguard")
