@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -15,9 +16,9 @@ from datetime import datetime
 from typing import Any
 
 from dtrguard import __version__, config, log, state
-from dtrguard.errors import EXIT_FAILURE, EXIT_OK, DtrguardError, RefusedError
+from dtrguard.errors import EXIT_FAILURE, EXIT_OK, Aborted, DtrguardError, RefusedError
 from dtrguard.manifest import Manifest, utc_now
-from dtrguard.node import directory_has_entries
+from dtrguard.node import Node, directory_has_entries
 from dtrguard.restore import describe_plan
 from dtrguard.service import Agent
 
@@ -27,43 +28,81 @@ _log = log.get("cli")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrguard", description="Back up a DTR 1.4 node to S3 and restore it.")
     parser.add_argument("--version", action="version", version=f"dtrguard {__version__}")
-    parser.add_argument("--config", help=f"config file (default ${config.ENV_PATH} or {config.DEFAULT_PATH})")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    _add_common(parser)
+    # The same options after the command; SUPPRESS keeps a value given before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("run", help="serve: first-boot restore, then scheduled backups (what systemd runs)")
-    commands.add_parser("backup", help="take one backup set now")
-    restore = commands.add_parser("restore", help="restore a backup set onto this node")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common])
+
+    command("run", "serve: first-boot restore, then scheduled backups (what systemd runs)")
+    command("backup", "take one backup set now")
+    restore = command("restore", "restore a backup set onto this node")
     restore.add_argument("set", nargs="?", default="latest", help="a set id or 'latest' (default)")
     restore.add_argument("--force", action="store_true", help="restore even though the node has DTR data")
     restore.add_argument("--dry-run", action="store_true", help="print what would be restored; change nothing")
-    listing = commands.add_parser("list", help="list complete backup sets, oldest first")
+    listing = command("list", "list complete backup sets, oldest first")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    verify = commands.add_parser("verify", help="download a set and check every artifact's size and sha256")
+    verify = command("verify", "download a set and check every artifact's size and sha256")
     verify.add_argument("set", nargs="?", default="latest", help="a set id or 'latest' (default)")
-    prepare = commands.add_parser(
-        "prepare-image", help="remove dtrguard's state before an AMI is made; rejected while DTR data is present"
+    prepare = command(
+        "prepare-image", "remove dtrguard's state before an AMI is made; rejected while DTR data is present"
     )
     prepare.add_argument("--yes", action="store_true", help="confirm; without it, only print what would be removed")
-    status = commands.add_parser("status", help="print this node's state: instance, last backup, next run")
+    status = command("status", "print this node's state: service, instance, last backup, next run")
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help=f"config file (default ${config.ENV_PATH} or {config.DEFAULT_PATH})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug events too")
+
+
+# Commands that change the node or the repository hold the node's lock; `run` waits for it.
+LOCKED = {"run", "backup", "restore", "prepare-image"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config_file = getattr(args, "config", None)
     # The daemon logs to stdout for journald; one-shot commands keep stdout for their output.
-    log.configure(stream=sys.stdout if args.command == "run" else sys.stderr, verbose=args.verbose)
+    log.configure(stream=sys.stdout if args.command == "run" else sys.stderr, verbose=getattr(args, "verbose", False))
     try:
-        settings = config.load(config.config_path(args.config), local_only=args.command == "prepare-image")
+        settings = config.load(config.config_path(config_file), local_only=args.command == "prepare-image")
         agent = Agent(settings)
+        if args.command != "run":  # `run` installs its own handlers
+            _stop_on_signals(agent)
         handler = COMMANDS[args.command]
-        handler(agent, args)
+        if args.command in LOCKED and not getattr(args, "dry_run", False):
+            with state.locked(settings.node.state_dir, wait=args.command == "run"):
+                handler(agent, args)
+        else:
+            handler(agent, args)
+    except Aborted as exc:
+        _log.warning("command.aborted", command=args.command, error=exc.message)
+        return EXIT_FAILURE
     except DtrguardError as exc:
         _log.error("command.failed", command=args.command, error=exc.message, detail=exc.detail, hint=exc.hint)
         return exc.exit_code
-    except KeyboardInterrupt:
-        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _stop_on_signals(agent: Agent) -> None:
+    """Make SIGTERM and SIGINT abort a one-shot command cleanly: uploads aborted, no partial set."""
+
+    def handler(number: int, frame: object) -> None:
+        agent.stop.set()
+        agent.cancel.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def _run(agent: Agent, args: argparse.Namespace) -> None:
@@ -96,11 +135,11 @@ def _restore(agent: Agent, args: argparse.Namespace) -> None:
     agent.identify()
     manifest = _find(agent, args.set)
     node = agent.connect()
-    has_data = node.has_data()
     if args.dry_run:
         print("\n".join(describe_plan(node, manifest)))
-        print("node has DTR data: " + ("yes (needs --force)" if has_data else "no"))
+        print("node has DTR data: " + _describe_data(node))
         return
+    has_data = node.has_data()
     if has_data and not args.force:
         raise RefusedError(
             f"node has DTR data; restoring set {manifest.set_id} would overwrite it",
@@ -108,6 +147,18 @@ def _restore(agent: Agent, args: argparse.Namespace) -> None:
         )
     agent.restore(manifest)
     print(manifest.set_id)
+
+
+def _describe_data(node: Node) -> str:
+    """Say whether the node has DTR data, without starting a stopped Postgres container."""
+    if node.config_dir_has_data():
+        return "yes, so a restore needs --force"
+    rows = node.database_rows(start=False)
+    if rows:
+        return "yes, so a restore needs --force"
+    if rows is None and node.dtr.postgres() is not None:
+        return "unknown, because the Postgres container is stopped (a restore starts it)"
+    return "no"
 
 
 def _list(agent: Agent, args: argparse.Namespace) -> None:
@@ -137,13 +188,15 @@ def _verify(agent: Agent, args: argparse.Namespace) -> None:
 def _status(agent: Agent, args: argparse.Namespace) -> None:
     current = state.load(agent.settings.node.state_dir)
     report: dict[str, Any] = asdict(current) if current else {"instance_id": None, "established": False}
+    holder = state.lock_holder(agent.settings.node.state_dir)
+    report["service"] = f"running (pid {holder})" if holder else "not running"
     last = current.last_backup if current else None
     if last is not None:
         report["last_backup_age_seconds"] = round((utc_now() - datetime.fromisoformat(last.at)).total_seconds())
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return
-    for key in ("instance_id", "established", "restored_set", "restoring_set", "next_run", "last_error"):
+    for key in ("service", "instance_id", "established", "restored_set", "restoring_set", "next_run", "last_error"):
         print(f"{key}: {report.get(key)}")
     if last is not None:
         print(f"last_backup: {last.result} {last.set_id or '-'} at {last.at}"

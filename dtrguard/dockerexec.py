@@ -57,6 +57,10 @@ class Exec:
                 f"container {container} not found", hint="check [postgres].container in the config"
             ) from None
         except APIError as exc:
+            if exc.status_code == 409:  # the Engine's answer for a container that is not running
+                raise DtrguardError(
+                    f"container {container} is not running", hint=f"start it with `docker start {container}`"
+                ) from None
             raise DtrguardError(f"exec in container {container} failed: {exc.explanation or exc}") from None
 
     def _exit_code(self, exec_id: str) -> int:

@@ -48,7 +48,7 @@ class Node:
             client.ping()
         except DockerException as exc:
             raise DockerUnavailable(
-                f"Docker Engine not reachable: {exc}", hint="start docker.service; dtrguard retries"
+                f"Docker Engine not reachable: {exc}", hint="start docker.service (the service retries by itself)"
             ) from None
         return cls(
             settings=settings,
@@ -70,12 +70,17 @@ class Node:
         """Report whether DTR's config directory (the first configured directory) has entries."""
         return directory_has_entries(self.settings.directories[0].path)
 
-    def database_rows(self) -> int | None:
-        """Count rows in all user tables, or return None when no Postgres container exists."""
+    def database_rows(self, start: bool = True) -> int | None:
+        """Count rows in all user tables, or return None when no Postgres container exists.
+
+        A stopped container is started first, unless start is False: then None is returned.
+        """
         container = self.dtr.postgres()
         if container is None:
             return None
         if container.status != "running":
+            if not start:
+                return None
             container.start()
         self.postgres.wait_ready()
         return sum(sum(self.postgres.row_counts(db).values()) for db in self.postgres.databases())

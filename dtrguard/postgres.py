@@ -57,13 +57,10 @@ class Postgres:
         deadline = time.monotonic() + limit
         last = ""
         while time.monotonic() < deadline:
-            try:
-                result = self._psql("select 1")
-                if result.exit_code == 0:
-                    return
-                last = result.stderr.decode(errors="replace").strip()
-            except DtrguardError as exc:
-                last = str(exc)
+            result = self._psql("select 1")  # raises at once when the container is missing or stopped
+            if result.exit_code == 0:
+                return
+            last = result.stderr.decode(errors="replace").strip()
             time.sleep(0.5)
         raise DtrguardError(
             f"Postgres in {self.container} did not accept connections within {limit:.0f} s",

@@ -51,7 +51,7 @@ def unavailable(action: str, exc: Exception) -> RepositoryUnavailable:
     return RepositoryUnavailable(
         f"S3 {action} failed",
         detail=detail,
-        hint="check the endpoint, the bucket name and the instance's credentials; dtrguard retries",
+        hint="check the endpoint, the bucket name and the instance's credentials (the service retries by itself)",
     )
 
 
@@ -162,9 +162,14 @@ class Repository:
         reader = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], verified), read_across_frames=True)
         return io.BufferedReader(reader, buffer_size=DOWNLOAD_CHUNK)
 
-    def verify(self, artifact: Artifact, cancel: threading.Event | None = None) -> None:
+    def verify(
+        self,
+        artifact: Artifact,
+        cancel: threading.Event | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
         """Download an artifact whole and check its size, sha256 and zstd framing."""
-        with self.open(artifact) as reader:
+        with self.open(artifact, on_bytes) as reader:
             while reader.read(DOWNLOAD_CHUNK):
                 if cancel is not None and cancel.is_set():
                     raise Aborted(f"verification of {artifact.key} stopped on request")

@@ -1,22 +1,25 @@
 """Restore one backup set onto this node, in the order DTR needs.
 
 1. Check the set's Postgres major against the running server, if there is one.
-2. Stop DTR's containers except Postgres.
-3. Restore each directory: extract into staging, verify, then swap in.
-4. Install DTR if its containers do not exist yet, and stop all but Postgres again.
-5. Wait for Postgres, check its major, restore the roles, then each database.
-6. Start DTR's containers in order and wait until they run.
+2. Download and verify the roles and database dumps, changing nothing.
+3. Stop DTR's containers except Postgres.
+4. Extract and verify each directory archive into staging; on failure start DTR again.
+5. Swap each staged directory in.
+6. Install DTR if its containers do not exist yet, and stop all but Postgres again.
+7. Wait for Postgres, check its major, restore the roles, then each database.
+8. Start DTR's containers in order and wait until they run.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 from dtrguard import log
 from dtrguard.archive import SwapJournal, excluded_paths, extract_archive, root_attributes
 from dtrguard.config import DirectorySettings
-from dtrguard.errors import Aborted, IntegrityError, RefusedError
+from dtrguard.errors import Aborted, DtrguardError, IntegrityError, RefusedError
 from dtrguard.manifest import Artifact, Manifest, major_key
 from dtrguard.node import Node
 
@@ -28,7 +31,9 @@ class Progress:
 
     def __init__(self, manifest: Manifest):
         self.set_id = manifest.set_id
-        self.total = manifest.total_size()
+        # Database dumps are downloaded twice: once to verify them, once to restore them.
+        dumps = sum(a.size for a in manifest.artifacts if a.kind in ("globals", "database"))
+        self.total = manifest.total_size() + dumps
         self.done = 0
         self.phase = "directories"
 
@@ -50,7 +55,12 @@ def human_size(count: float) -> str:
 
 
 def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progress: Progress | None = None) -> None:
-    """Restore every artifact of manifest and start DTR."""
+    """Restore every artifact of manifest and start DTR.
+
+    Every check that can fail on the set's contents runs before the first live change: the
+    database dumps are downloaded and verified, and the directories are extracted into staging.
+    A set that fails a check therefore changes nothing, and DTR's containers are started again.
+    """
     progress = progress or Progress(manifest)
     set_id = manifest.set_id
     clock = time.monotonic()
@@ -59,12 +69,24 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     if postgres is not None and postgres.status == "running":
         check_postgres_version(node, manifest)
 
-    node.dtr.stop_all_but_postgres()
-    for directory in node.settings.directories:
-        _checkpoint(cancel, set_id)
-        restore_directory(node, manifest, directory, progress)
+    progress.phase = "verifying database dumps"
+    for artifact in manifest.artifacts:
+        if artifact.kind in ("globals", "database"):
+            node.repository.verify(artifact, cancel, progress.add)
 
-    progress.phase = "database"
+    node.dtr.stop_all_but_postgres()
+    try:
+        progress.phase = "directories"
+        staged = []
+        for directory in node.settings.directories:
+            _checkpoint(cancel, set_id)
+            staged.append(stage_directory(node, manifest, directory, progress))
+    except BaseException:
+        _restart_after_failure(node)
+        raise
+    for directory, staging in zip(node.settings.directories, staged, strict=True):
+        swap_directory(node, manifest, directory, staging)
+
     if not node.dtr.containers():
         progress.phase = "installing DTR"
         node.dtr.install(manifest.dtr_version)
@@ -78,7 +100,16 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
 
     progress.phase = "starting DTR"
     node.dtr.start_all()
-    _log.info("restore.end", set_id=set_id, seconds=round(time.monotonic() - clock, 2))
+    _log.info("restore.end", set_id=set_id, bytes=manifest.total_size(), seconds=round(time.monotonic() - clock, 2))
+
+
+def _restart_after_failure(node: Node) -> None:
+    """Start DTR's containers again after a restore failed before changing anything live."""
+    try:
+        if node.dtr.containers():
+            node.dtr.start_all()
+    except DtrguardError as exc:
+        _log.error("restore.restart_failed", error=str(exc))
 
 
 def _checkpoint(cancel: threading.Event, set_id: str) -> None:
@@ -107,10 +138,19 @@ def check_postgres_version(node: Node, manifest: Manifest) -> None:
         )
 
 
-def restore_directory(
+@dataclass
+class Staged:
+    """A directory archive extracted into staging, ready to swap in."""
+
+    journal: SwapJournal
+    root: dict[str, float] | None
+    complete: bool  # an interrupted swap of this same set was finished, so there is nothing to swap
+
+
+def stage_directory(
     node: Node, manifest: Manifest, directory: DirectorySettings, progress: Progress | None = None
-) -> None:
-    """Replace a directory's contents with the set's archive; excluded paths stay as they are."""
+) -> Staged:
+    """Extract a directory's archive into staging, after finishing any swap an earlier run left."""
     artifact = _artifact(manifest, "directory", str(directory.path))
     target = directory.path
     journal = SwapJournal(target)
@@ -121,20 +161,27 @@ def restore_directory(
         )
         journal.swap(str(pending.get("set_id")), None, excluded_paths(target, node.excludes(directory)))
         if pending.get("set_id") == manifest.set_id:
-            return  # the interrupted swap was of this set, and it is now complete
+            return Staged(journal, None, complete=True)
 
-    # Computed after any resumed swap, which may have carried kept paths into staging and back.
-    keep = excluded_paths(target, node.excludes(directory))
     clock = time.monotonic()
     _log.info("directory.start", set_id=manifest.set_id, directory=str(target), bytes=artifact.size)
     journal.begin(manifest.set_id)
     with node.repository.open(artifact, progress.add if progress else None) as stream:
         stats, root = extract_archive(stream, journal.staging, target)
-    journal.swap(manifest.set_id, root_attributes(root), keep)
     _log.info(
-        "directory.end", set_id=manifest.set_id, directory=str(target), files=stats.files,
+        "directory.staged", set_id=manifest.set_id, directory=str(target), files=stats.files,
         bytes=stats.bytes, seconds=round(time.monotonic() - clock, 2),
     )  # fmt: skip
+    return Staged(journal, root_attributes(root), complete=False)
+
+
+def swap_directory(node: Node, manifest: Manifest, directory: DirectorySettings, staged: Staged) -> None:
+    """Replace a directory's live contents with its staged ones; excluded paths stay as they are."""
+    if not staged.complete:
+        # Computed now, after any resumed swap, which may have carried kept paths into staging and back.
+        keep = excluded_paths(directory.path, node.excludes(directory))
+        staged.journal.swap(manifest.set_id, staged.root, keep)
+    _log.info("directory.end", set_id=manifest.set_id, directory=str(directory.path))
 
 
 def restore_database(node: Node, manifest: Manifest, progress: Progress | None = None) -> None:

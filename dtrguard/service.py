@@ -30,7 +30,14 @@ from apscheduler.triggers.interval import IntervalTrigger
 from dtrguard import log, state
 from dtrguard.backup import take_backup
 from dtrguard.config import Settings
-from dtrguard.errors import Aborted, DtrguardError, RefusedError, RepositoryUnavailable, TransientError
+from dtrguard.errors import (
+    Aborted,
+    DtrguardError,
+    IntegrityError,
+    RefusedError,
+    RepositoryUnavailable,
+    TransientError,
+)
 from dtrguard.instance import instance_id
 from dtrguard.manifest import Manifest, utc_now
 from dtrguard.node import Node
@@ -84,7 +91,11 @@ class Agent:
     # Actions shared with the one-shot commands
 
     def restore(self, manifest: Manifest) -> None:
-        """Restore a set, recording it first so an interrupted restore resumes on the next start."""
+        """Restore a set, recording it first so an interrupted restore resumes on the next start.
+
+        A set that fails its checks (IntegrityError, RefusedError) changed nothing, so it is not
+        resumed: the record is cleared and the error is raised for an operator to act on.
+        """
         node = self.connect()
         self.state.restoring_set = manifest.set_id
         self.state.established = False
@@ -92,6 +103,15 @@ class Agent:
         self.progress = Progress(manifest)
         try:
             restore_set(node, manifest, self.cancel, self.progress)
+        except (IntegrityError, RefusedError) as exc:
+            self.state.restoring_set = None
+            self.state.last_error = f"restore of set {manifest.set_id} failed: {exc}"
+            self.save()
+            raise
+        except DtrguardError as exc:
+            self.state.last_error = f"restore of set {manifest.set_id} failed, resumed at next start: {exc}"
+            self.save()
+            raise
         finally:
             self.progress = None
         self.state.restoring_set = None
@@ -143,7 +163,7 @@ class Agent:
         has_data = node.has_data()
         if manifests and not has_data:
             _log.info("node.replacement", instance_id=self.instance_id, set_id=manifests[-1].set_id)
-            self.restore(manifests[-1])
+            self._restore_newest(manifests)
         elif manifests:
             raise RefusedError(
                 f"node has DTR data and the repository has {len(manifests)} backup sets; nothing was changed",
@@ -156,6 +176,19 @@ class Agent:
             self.backup()
         else:
             _log.info("node.empty", instance_id=self.instance_id, message="nothing to restore and nothing to protect")
+
+    def _restore_newest(self, manifests: list[Manifest]) -> None:
+        """Restore the newest set; if it fails its checks, stop for an operator rather than loop."""
+        newest = manifests[-1]
+        try:
+            self.restore(newest)
+        except IntegrityError as exc:
+            older = [m.set_id for m in manifests[-4:-1]][::-1]
+            choice = f"`dtrguard restore {older[0]} --force` (newer to older: {', '.join(older)})" if older else None
+            raise RefusedError(
+                f"the newest set {newest.set_id} failed its checks, so nothing was restored: {exc.message}",
+                hint=f"restore an earlier set with {choice}" if choice else "no earlier complete set exists",
+            ) from None
 
     def _resume(self, node: Node, set_id: str) -> None:
         _log.warning("restore.resume", set_id=set_id)
@@ -302,6 +335,9 @@ class Agent:
         _log.info("service.stopping")
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        if self.state.established:
+            self.state.next_run = None  # no run is scheduled once the service has stopped
+            self.save()
         _log.info("service.stop")
 
 

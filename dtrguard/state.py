@@ -6,11 +6,14 @@ node is treated as new.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from dtrguard.errors import DtrguardError
 
@@ -75,3 +78,51 @@ def save(state_dir: Path, state: State) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+LOCK_NAME = "lock"
+
+
+@contextlib.contextmanager
+def locked(state_dir: Path, wait: bool) -> Iterator[None]:
+    """Hold the node's lock, so the service and a one-shot backup or restore never run at once.
+
+    With wait, block until the lock is free; otherwise raise DtrguardError naming the holder.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(state_dir / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(handle)
+            if not wait:
+                raise DtrguardError(
+                    f"another dtrguard process (pid {holder or 'unknown'}) is working on this node",
+                    hint="stop the service first (systemctl stop dtrguard), run this command, then start it again",
+                ) from None
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """Return the pid of the process holding the node's lock, or None when nobody holds it."""
+    try:
+        handle = open(state_dir / LOCK_NAME)  # noqa: SIM115 - closed below in every branch
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(handle) or -1
+        return None
+
+
+def _read_pid(handle: IO[str]) -> int | None:
+    handle.seek(0)
+    text = handle.read().strip()
+    return int(text) if text.isdigit() else None

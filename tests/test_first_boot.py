@@ -115,9 +115,15 @@ def test_node_with_data_refused(make_node: Any, s3: Any, bucket: str) -> None:
 def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> None:
     node = node_with_data(make_node)
     good = backup_once(node)
-    script = 'printf "partial dump bytes"; echo "pg_dump: error: simulated failure" >&2; exit 1'
+    # pg_dump --version still works, so the backup gets as far as streaming dumps before it fails.
+    script = (
+        f'[ "$1" = --version ] && exec {PG_DUMP}.real --version; '
+        'printf "partial dump bytes"; echo "pg_dump: error: simulated failure" >&2; exit 1'
+    )
     # The image has no mv or cp, so cat keeps a copy of the real binary.
-    replace = f"cat {PG_DUMP} > {PG_DUMP}.real && printf '#!/bin/sh\\n{script}\\n' > {PG_DUMP}"
+    replace = (
+        f"cat {PG_DUMP} > {PG_DUMP}.real && chmod 755 {PG_DUMP}.real && printf '#!/bin/sh\\n{script}\\n' > {PG_DUMP}"
+    )
     code, output = container_exec("docker_trusted_registry_postgres", ["sh", "-c", replace], user="root")
     assert code == 0, output
 
@@ -132,6 +138,7 @@ def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> Non
     assert daemon.stop() == 0
 
     assert "simulated failure" in failure["error"]
+    assert daemon.named("artifact.end"), "no artifact was uploaded before the dump failed"
     assert failure["level"] == "error"
     keys = manifest_keys(s3, bucket)
     assert f"dtr/test/manifests/{failed_set}.json" not in keys
