@@ -138,7 +138,8 @@ def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> Non
     assert daemon.stop() == 0
 
     assert "simulated failure" in failure["error"]
-    assert daemon.named("artifact.end"), "no artifact was uploaded before the dump failed"
+    uploaded = [e["artifact"] for e in daemon.named("artifact.end") if e["set_id"] == failed_set]
+    assert "globals.sql.zst" in uploaded, "the failed set uploaded nothing, so its clean-up went untested"
     assert failure["level"] == "error"
     keys = manifest_keys(s3, bucket)
     assert f"dtr/test/manifests/{failed_set}.json" not in keys
