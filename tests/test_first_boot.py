@@ -115,7 +115,7 @@ def test_node_with_data_refused(make_node: Any, s3: Any, bucket: str) -> None:
 def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> None:
     node = node_with_data(make_node)
     good = backup_once(node)
-    # pg_dump --version still works, so the backup gets as far as streaming dumps before it fails.
+    # pg_dump --version still works, so the backup gets past its version checks before it fails.
     script = (
         f'[ "$1" = --version ] && exec {PG_DUMP}.real --version; '
         'printf "partial dump bytes"; echo "pg_dump: error: simulated failure" >&2; exit 1'
@@ -139,7 +139,8 @@ def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> Non
 
     assert "simulated failure" in failure["error"]
     uploaded = [e["artifact"] for e in daemon.named("artifact.end") if e["set_id"] == failed_set]
-    assert "globals.sql.zst" in uploaded, "the failed set uploaded nothing, so its clean-up went untested"
+    # pg_dumpall checks pg_dump with -V, which the fake rejects, so the failure comes after the directories.
+    assert uploaded == ["etc-dtr.tar.zst", "var-dtr.tar.zst"], "the failed set's clean-up went untested"
     assert failure["level"] == "error"
     keys = manifest_keys(s3, bucket)
     assert f"dtr/test/manifests/{failed_set}.json" not in keys
