@@ -30,11 +30,9 @@ DTR_START_ORDER = (
     "registry_index",
     "load_balancer",
 )
-DTR_INSTALL_COMMAND = (
-    "docker", "run", "--rm",
-    "-v", "/var/run/docker.sock:/var/run/docker.sock",
-    "docker/trusted-registry:{version}", "install",
-)  # fmt: skip
+# DTR 1.x's installer image prints the shell command that performs the install, so its output is
+# run by bash, as DTR's install guide of that era shows.
+DTR_INSTALL_COMMAND = ("bash", "-c", "$(docker run --rm docker/trusted-registry:{version} install)")
 
 
 @dataclass(frozen=True)
