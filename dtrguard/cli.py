@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("set", nargs="?", default="latest", help="a set id or 'latest' (default)")
     restore.add_argument("--force", action="store_true", help="restore even though the node has DTR data")
     restore.add_argument("--dry-run", action="store_true", help="print what would be restored; change nothing")
+    prune = command("prune", "delete sets the retention policy no longer keeps, and orphaned artifacts")
+    prune.add_argument("--dry-run", action="store_true", help="print what would be deleted; change nothing")
     listing = command("list", "list complete backup sets, oldest first")
     listing.add_argument("--json", action="store_true", help="print JSON")
     verify = command("verify", "download a set and check every artifact's size and sha256")
@@ -66,7 +68,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 # Commands that change the node or the repository hold the node's lock; `run` waits for it.
-LOCKED = {"run", "backup", "restore", "prepare-image"}
+LOCKED = {"run", "backup", "restore", "prepare-image", "prune"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,6 +163,22 @@ def _describe_data(node: Node) -> str:
     return "no"
 
 
+def _prune(agent: Agent, args: argparse.Namespace) -> None:
+    pruning = agent.prune(dry_run=args.dry_run)
+    if pruning is None:
+        raise DtrguardError("pruning failed", hint="see the prune.failed event above")
+    verb = "would delete" if args.dry_run else "deleted"
+    if pruning.skipped_reason:
+        print(f"kept every set: {pruning.skipped_reason}")
+    for set_id in pruning.delete:
+        print(f"{verb} set {set_id}")
+    for set_id in pruning.orphans:
+        print(f"{verb} artifacts without a manifest: {set_id}")
+    for key, _ in pruning.uploads:
+        print(f"{'would abort' if args.dry_run else 'aborted'} multipart upload of {key}")
+    print(f"kept {len(pruning.keep)} sets")
+
+
 def _list(agent: Agent, args: argparse.Namespace) -> None:
     manifests = agent.connect().repository.manifests()
     if args.json:
@@ -231,6 +249,7 @@ COMMANDS = {
     "backup": _backup,
     "restore": _restore,
     "list": _list,
+    "prune": _prune,
     "verify": _verify,
     "status": _status,
     "prepare-image": _prepare_image,

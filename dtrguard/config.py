@@ -113,6 +113,20 @@ class Settings:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     dtr: DtrSettings = field(default_factory=DtrSettings)
+    retention: RetentionSettings = field(default_factory=lambda: RetentionSettings())
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """Which sets pruning keeps: grandfather-father-son windows, in seconds, and hard floors."""
+
+    keep_all_within: float = 86400.0  # every set of the last day
+    hourly_within: float = 7 * 86400.0  # the newest set of each hour for a week
+    daily_within: float = 30 * 86400.0  # the newest set of each day for 30 days
+    weekly_within: float = 12 * 604800.0  # the newest set of each week for 12 weeks
+    keep_last: int = 3  # the newest complete sets, whatever the windows say
+    max_drop: float = 0.5  # a larger fall in rows or directory bytes skips pruning
+    orphan_grace: float = 86400.0  # artifacts without a manifest, and open uploads, older than this go
 
 
 DEFAULT_DIRECTORIES: tuple[dict[str, Any], ...] = (
@@ -120,8 +134,8 @@ DEFAULT_DIRECTORIES: tuple[dict[str, Any], ...] = (
     {"path": "/var/local/dtr", "exclude": ["logs"]},
 )
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Maximum duration in seconds. Far longer ones overflow the datetime arithmetic that starts the schedule.
 MAX_DURATION = 365 * 86400.0
@@ -170,8 +184,9 @@ def parse(document: dict[str, Any], source: Path, local_only: bool = False) -> S
     schedule = _parse_schedule(top.table("schedule"))
     postgres = _parse_postgres(top.table("postgres"))
     dtr = _parse_dtr(top.table("dtr"))
+    retention = _parse_retention(top.table("retention"))
     top.reject_unknown()
-    return Settings(source, s3, directories, node, schedule, postgres, dtr)
+    return Settings(source, s3, directories, node, schedule, postgres, dtr, retention)
 
 
 def _parse_s3(table: _Table) -> S3Settings:
@@ -277,6 +292,23 @@ def _parse_postgres(table: _Table) -> PostgresSettings:
         container=table.container_name("container", "docker_trusted_registry_postgres"),
         user=table.string("user", "postgres"),
         ready_timeout=table.duration("ready_timeout", 120.0),
+    )
+    table.reject_unknown()
+    return settings
+
+
+def _parse_retention(table: _Table) -> RetentionSettings:
+    max_drop = table.number("max_drop", 0.5)
+    if not 0 < max_drop <= 1:
+        table.invalid("max_drop", max_drop, "use a fraction greater than 0 and at most 1, such as 0.5")
+    settings = RetentionSettings(
+        keep_all_within=table.duration("keep_all_within", 86400.0),
+        hourly_within=table.duration("hourly_within", 7 * 86400.0),
+        daily_within=table.duration("daily_within", 30 * 86400.0),
+        weekly_within=table.duration("weekly_within", 12 * 604800.0),
+        keep_last=table.positive_int("keep_last", 3),
+        max_drop=max_drop,
+        orphan_grace=table.duration("orphan_grace", 86400.0),
     )
     table.reject_unknown()
     return settings

@@ -27,7 +27,7 @@ from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from dtrguard import log, state
+from dtrguard import log, retention, state
 from dtrguard.backup import take_backup
 from dtrguard.config import Settings
 from dtrguard.errors import (
@@ -140,7 +140,20 @@ class Agent:
         self.state.established = True
         self.state.last_error = None
         self.save()
+        self.prune()
         return manifest
+
+    def prune(self, dry_run: bool = False) -> retention.PrunePlan | None:
+        """Apply the retention policy; a failure is logged, never raised, so the backup stands."""
+        repository = self.connect().repository
+        try:
+            pruning = retention.plan(repository, self.settings.retention, utc_now())
+            if not dry_run:
+                retention.apply(repository, pruning)
+        except DtrguardError as exc:
+            _log.error("prune.failed", error=str(exc))
+            return None
+        return pruning
 
     # The first-boot decision
 
