@@ -174,6 +174,30 @@ class Repository:
                 if cancel is not None and cancel.is_set():
                     raise Aborted(f"verification of {artifact.key} stopped on request")
 
+    def bucket_warnings(self) -> list[str]:
+        """List what the bucket lacks that protects backups: versioning, and a rule aborting stale uploads."""
+        warnings = []
+        try:
+            versioning = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status")
+            if versioning != "Enabled":
+                warnings.append(f"bucket {self.bucket} has no versioning, so a deleted or overwritten set is lost")
+            try:
+                rules = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket).get("Rules", [])
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+                    raise
+                rules = []
+            if not any(r.get("Status") == "Enabled" and r.get("AbortIncompleteMultipartUpload") for r in rules):
+                warnings.append(
+                    f"bucket {self.bucket} has no lifecycle rule aborting incomplete multipart uploads,"
+                    " so parts of an interrupted upload are billed until dtrguard prunes them"
+                )
+        except (ClientError, BotoCoreError) as exc:
+            warnings.append(
+                f"the settings of bucket {self.bucket} could not be read: {unavailable('read', exc).detail}"
+            )
+        return warnings
+
     def abort_upload(self, key: str, upload_id: str) -> None:
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)

@@ -167,6 +167,8 @@ class Agent:
             _log.info("node.running", instance_id=self.instance_id, restored_set=self.state.restored_set)
             return
         keys = node.repository.manifest_keys()
+        for warning in node.repository.bucket_warnings():
+            _log.warning("bucket.unprotected", warning=warning)
         manifests = node.repository.manifests() if keys else []
         if keys and not manifests:
             raise RepositoryUnavailable(

@@ -177,3 +177,25 @@ def test_manifest_parse_rejects_bad_fields() -> None:
     for broken in (b"[]", b"{}", good.to_json().replace(b'"directory"', b'"tape"')):
         with pytest.raises(IntegrityError, match="manifest k"):
             parse(broken, "k")
+
+
+def test_bucket_warnings_name_missing_protections(moto_server: Any, bucket: str, s3: Any) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    warnings = repository.bucket_warnings()
+    assert any("no versioning" in w for w in warnings)
+    assert any("incomplete multipart uploads" in w for w in warnings)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_bucket_lifecycle_configuration(
+        Bucket=bucket,
+        LifecycleConfiguration={
+            "Rules": [
+                {
+                    "ID": "abort",
+                    "Status": "Enabled",
+                    "Filter": {"Prefix": ""},
+                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+                }
+            ]
+        },
+    )
+    assert repository.bucket_warnings() == []
