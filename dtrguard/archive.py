@@ -22,6 +22,10 @@ from dtrguard import log
 from dtrguard.errors import DtrguardError, IntegrityError
 
 _log = log.get("archive")
+# Every member is checked before extraction, so tarfile's own filter must not alter owners or
+# modes. The filter argument exists from Python 3.11.4 (Debian 12 ships 3.11.2, without it), and
+# from 3.14 on the default filter would drop setgid bits and owners.
+_TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
 WORK_DIR = ".dtrguard-restore"
 
 
@@ -269,7 +273,7 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
                 raise UnsafeArchive(f"archive member {member.name!r} would replace a directory of the same name")
             if member.islnk():
                 _check_hardlink(member, staging)
-            tar.extract(member, staging, set_attrs=True, numeric_owner=True, filter="fully_trusted")
+            tar.extract(member, staging, set_attrs=True, numeric_owner=True, **_TRUSTED)
             stats.files += 1
             stats.bytes += member.size if member.isreg() else 0
     # Checked once the tree is complete, because a later member can change where an earlier symlink leads.

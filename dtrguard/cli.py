@@ -93,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DtrguardError as exc:
         _log.error("command.failed", command=args.command, error=exc.message, detail=exc.detail, hint=exc.hint)
         return exc.exit_code
+    except Exception:  # a bug: logged at error priority with its traceback, so journalctl -p err shows it
+        _log.exception("command.crashed", command=args.command)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -239,9 +242,13 @@ def _prepare_image(agent: Agent, args: argparse.Namespace) -> None:
         print(f"would remove {state_file}" if state_file.exists() else f"nothing to remove ({state_file} is absent)")
         print("run again with --yes to remove it")
         return
+    existed = state_file.exists()
     state_file.unlink(missing_ok=True)
-    _log.info("image.prepared", removed=str(state_file))
-    print(f"removed {state_file}; the image has no dtrguard state")
+    # The lock file is ours (held now), and an image needs none: the first start creates it.
+    (settings.node.state_dir / state.LOCK_NAME).unlink(missing_ok=True)
+    _log.info("image.prepared", removed=str(state_file) if existed else None)
+    print(f"removed {state_file}" if existed else f"{state_file} was already absent")
+    print("the image has no dtrguard state")
 
 
 COMMANDS = {

@@ -8,6 +8,10 @@ need_packages=()
 command -v dockerd >/dev/null || need_packages+=(docker.io)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need_packages+=(postgresql-15)
 command -v ldd >/dev/null || need_packages+=(libc-bin)
+# packaging/build-deb.sh and tests/nodeimage.py build Debian 12 root filesystems with debootstrap.
+command -v debootstrap >/dev/null || need_packages+=(debootstrap)
+# tests/test_templates.py validates the Packer template with Debian's packer.
+command -v packer >/dev/null || need_packages+=(packer)
 if [ ${#need_packages[@]} -gt 0 ]; then
     echo "setup: installing ${need_packages[*]}"
     export DEBIAN_FRONTEND=noninteractive

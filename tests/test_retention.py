@@ -8,12 +8,12 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from test_repository import make_repository, manifest_for, upload
-
 from dtrguard.config import RetentionSettings
 from dtrguard.manifest import Artifact, Manifest
 from dtrguard.repository import Repository
 from dtrguard.retention import anomaly, apply, plan, select
+
+from test_repository import make_repository, manifest_for, upload
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 POLICY = RetentionSettings()
