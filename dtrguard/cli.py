@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from dtrguard import __version__, config, log, state
@@ -67,8 +68,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug events too")
 
 
-# Commands that change the node or the repository hold the node's lock; `run` waits for it.
-LOCKED = {"run", "backup", "restore", "prepare-image", "prune"}
+# Commands that change the node or the repository wait for the action lock. Those that would
+# fight the service (a restore it could back up over half-way) are rejected while it runs.
+ACTIONS = {"backup", "restore", "prepare-image", "prune"}
+NOT_WITH_SERVICE = {"restore", "prepare-image"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,8 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "run":  # `run` installs its own handlers
             _stop_on_signals(agent)
         handler = COMMANDS[args.command]
-        if args.command in LOCKED and not getattr(args, "dry_run", False):
-            with state.locked(settings.node.state_dir, wait=args.command == "run"):
+        state_dir = settings.node.state_dir
+        if args.command == "run":
+            with state.locked(state_dir, state.SERVICE_LOCK, wait=False):
+                handler(agent, args)
+        elif args.command in ACTIONS and not getattr(args, "dry_run", False):
+            if args.command in NOT_WITH_SERVICE:
+                _reject_while_service_runs(state_dir, args.command)
+            with state.locked(state_dir, state.ACTION_LOCK, wait=True):
                 handler(agent, args)
         else:
             handler(agent, args)
@@ -97,6 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log.exception("command.crashed", command=args.command)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _reject_while_service_runs(state_dir: Path, command: str) -> None:
+    holder = state.lock_holder(state_dir, state.SERVICE_LOCK)
+    if holder:
+        raise RefusedError(
+            f"dtrguard's service (pid {holder}) is running, and {command} must not run beside it",
+            hint=f"systemctl stop dtrguard; dtrguard {command} ...; systemctl start dtrguard",
+        )
 
 
 def _stop_on_signals(agent: Agent) -> None:
@@ -244,8 +262,9 @@ def _prepare_image(agent: Agent, args: argparse.Namespace) -> None:
         return
     existed = state_file.exists()
     state_file.unlink(missing_ok=True)
-    # The lock file is ours (held now), and an image needs none: the first start creates it.
-    (settings.node.state_dir / state.LOCK_NAME).unlink(missing_ok=True)
+    # The lock files are not needed in an image: the first start creates them.
+    for name in (state.SERVICE_LOCK, state.ACTION_LOCK):
+        (settings.node.state_dir / name).unlink(missing_ok=True)
     _log.info("image.prepared", removed=str(state_file) if existed else None)
     print(f"removed {state_file}" if existed else f"{state_file} was already absent")
     print("the image has no dtrguard state")

@@ -101,6 +101,7 @@ class Agent:
         self.state.established = False
         self.save()
         self.progress = Progress(manifest)
+        notify(STATUS=self.progress.line())
         try:
             restore_set(node, manifest, self.cancel, self.progress)
         except (IntegrityError, RefusedError) as exc:
@@ -192,6 +193,11 @@ class Agent:
         else:
             _log.info("node.empty", instance_id=self.instance_id, message="nothing to restore and nothing to protect")
 
+    def decide_locked(self) -> None:
+        """Run the first-boot decision holding the action lock, so no one-shot command overlaps it."""
+        with state.locked(self.settings.node.state_dir, state.ACTION_LOCK, wait=True):
+            self.decide()
+
     def _restore_newest(self, manifests: list[Manifest]) -> None:
         """Restore the newest set; if it fails its checks, stop for an operator rather than loop."""
         newest = manifests[-1]
@@ -241,7 +247,7 @@ class Agent:
         if self.stop.is_set():
             return
         try:
-            self.retry("first-boot decision", self.decide)
+            self.retry("first-boot decision", self.decide_locked)
         except Aborted as exc:
             _log.warning("service.aborted", error=str(exc))
             return
@@ -259,10 +265,11 @@ class Agent:
         if self.stop.is_set():
             return
         try:
-            if self.state.established:
-                self.backup()
-            else:
-                self.decide()
+            with state.locked(self.settings.node.state_dir, state.ACTION_LOCK, wait=True):
+                if self.state.established:
+                    self.backup()
+                else:
+                    self.decide()
         except RefusedError as exc:
             self.refusal = exc  # run() raises it once the scheduler has stopped
             self.stop.set()
@@ -289,7 +296,7 @@ class Agent:
     def _watchdog(self) -> None:
         """Ping systemd's watchdog while healthy, and publish restore progress as the unit's status."""
         interval = watchdog_interval()
-        period = min(interval, 5.0) if interval else 5.0
+        period = min(interval, 1.0) if interval else 1.0
         while not self.stop.wait(period):
             progress = self.progress
             if progress is not None:

@@ -80,24 +80,24 @@ def save(state_dir: Path, state: State) -> None:
     os.replace(temporary, path)
 
 
-LOCK_NAME = "lock"
+# The service holds SERVICE_LOCK while it runs. Every backup, restore and prune, the service's
+# or a one-shot command's, holds ACTION_LOCK, so two of them never overlap.
+SERVICE_LOCK = "service.lock"
+ACTION_LOCK = "action.lock"
 
 
 @contextlib.contextmanager
-def locked(state_dir: Path, wait: bool) -> Iterator[None]:
-    """Hold the node's lock, so the service and a one-shot backup or restore never run at once.
-
-    With wait, block until the lock is free; otherwise raise DtrguardError naming the holder.
-    """
+def locked(state_dir: Path, name: str, wait: bool) -> Iterator[None]:
+    """Hold one of the node's locks. With wait, block until it is free; otherwise raise naming the holder."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(state_dir / LOCK_NAME, "a+") as handle:
+    with open(state_dir / name, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_pid(handle)
             if not wait:
                 raise DtrguardError(
-                    f"another dtrguard process (pid {holder or 'unknown'}) is working on this node",
+                    f"another dtrguard process (pid {holder or 'unknown'}) holds {state_dir / name}",
                     hint="stop the service first (systemctl stop dtrguard), run this command, then start it again",
                 ) from None
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -108,10 +108,10 @@ def locked(state_dir: Path, wait: bool) -> Iterator[None]:
         yield
 
 
-def lock_holder(state_dir: Path) -> int | None:
-    """Return the pid of the process holding the node's lock, or None when nobody holds it."""
+def lock_holder(state_dir: Path, name: str = SERVICE_LOCK) -> int | None:
+    """Return the pid of the process holding a lock (-1 if unknown), or None when nobody holds it."""
     try:
-        handle = open(state_dir / LOCK_NAME)  # noqa: SIM115 - closed below in every branch
+        handle = open(state_dir / name)  # noqa: SIM115 - closed below in every branch
     except FileNotFoundError:
         return None
     with handle:

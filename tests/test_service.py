@@ -80,10 +80,11 @@ def test_watchdog_pings_then_stops_when_stuck(make_node: Any, notify_socket: Not
     node.seed()
     daemon = node.start()
     stuck = daemon.wait_for("backup.stuck")[0]
-    daemon.wait_for("backup.end")
+    daemon.wait_for("schedule.start")
+    daemon.wait_for("backup.end", count=2)  # the idle time between the two backups has pings
     assert daemon.stop() == 0
     assert stuck["level"] == "error"
-    assert notify_socket.values("WATCHDOG"), "the watchdog was never pinged"
+    assert notify_socket.values("WATCHDOG"), notify_socket.messages
 
 
 def test_restore_status_shows_progress(make_node: Any, notify_socket: NotifySocket) -> None:
@@ -127,3 +128,20 @@ def test_prepare_image_removes_state(make_node: Any) -> None:
     result = node.command("prepare-image", "--yes")
     assert result.returncode == 0, result.stderr
     assert not state_file.exists()
+
+
+def test_one_shot_commands_beside_service(make_node: Any) -> None:
+    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", interval="1h")
+    node.install()
+    node.seed()
+    daemon = node.start()
+    daemon.wait_for("schedule.start")
+    status = node.command("status")
+    assert f"service: running (pid {daemon.process.pid})" in status.stdout
+    restore = node.command("restore", "latest", "--force")
+    assert restore.returncode == EXIT_REFUSED
+    assert "systemctl stop dtrguard" in restore.stderr
+    backup = node.command("backup")  # waits for the action lock, then runs beside the idle service
+    assert backup.returncode == 0, backup.stderr
+    assert daemon.stop() == 0
+    assert "service: not running" in node.command("status").stdout
