@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any, cast
@@ -79,8 +80,40 @@ class Repository:
         """Start a streaming upload of one artifact; write raw bytes, then call finish()."""
         return ArtifactUpload(self, self.artifact_key(set_id, name), cancel)
 
+    def marker_key(self) -> str:
+        return f"{self.prefix}/repository.json"
+
+    def exists(self, key: str) -> bool:
+        """Report whether an object exists; raise RepositoryUnavailable when S3 cannot tell."""
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise unavailable(f"read of {key}", exc) from None
+        except BotoCoreError as exc:
+            raise unavailable(f"read of {key}", exc) from None
+        return True
+
+    def has_marker(self) -> bool:
+        """Report whether a set was ever completed here."""
+        return self.exists(self.marker_key())
+
+    def put_marker(self, manifest: Manifest) -> None:
+        """Record, once, that this repository has held a complete set (never replaced)."""
+        body = json.dumps({"format": 1, "first_set": manifest.set_id, "instance_id": manifest.instance_id}).encode()
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self.marker_key(), Body=body, IfNoneMatch="*", **self._encryption()
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise unavailable(f"write of {self.marker_key()}", exc) from None
+        except BotoCoreError as exc:
+            raise unavailable(f"write of {self.marker_key()}", exc) from None
+
     def put_manifest(self, manifest: Manifest) -> None:
-        """Write the manifest; fail if one already exists for the set id."""
+        """Write the manifest, then the repository marker; fail if a manifest exists for the set id."""
         key = self.manifest_key(manifest.set_id)
         try:
             self.client.put_object(
@@ -97,6 +130,7 @@ class Repository:
             raise unavailable(f"write of {key}", exc) from None
         except BotoCoreError as exc:
             raise unavailable(f"write of {key}", exc) from None
+        self.put_marker(manifest)
 
     def manifest_keys(self) -> list[str]:
         """List manifest keys; raise RepositoryUnavailable, never return [] on failure."""
@@ -139,15 +173,7 @@ class Repository:
             manifests = self.manifests()
             return manifests[-1] if manifests else None
         key = self.manifest_key(set_ref)
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise unavailable(f"read of {key}", exc) from None
-        except BotoCoreError as exc:
-            raise unavailable(f"read of {key}", exc) from None
-        return self.read_manifest(key)
+        return self.read_manifest(key) if self.exists(key) else None
 
     def open(self, artifact: Artifact, on_bytes: Callable[[int], None] | None = None) -> io.BufferedReader:
         """Open an artifact for reading: decompressed bytes, checked against the manifest.

@@ -176,6 +176,11 @@ class Agent:
                 f"the repository has {len(keys)} manifests but none is valid",
                 hint="check the errors above; dtrguard will not treat the repository as empty",
             )
+        if not manifests and node.repository.has_marker():
+            raise RepositoryUnavailable(
+                f"{node.repository.marker_key()} shows that backups were taken, but no complete set can be read",
+                hint="check the prefix, the bucket and the instance's permissions; DTR is not started empty",
+            )
         has_data = node.has_data()
         if manifests and not has_data:
             _log.info("node.replacement", instance_id=self.instance_id, set_id=manifests[-1].set_id)

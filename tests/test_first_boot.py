@@ -341,3 +341,20 @@ def test_database_restore_all_or_nothing(make_node: Any, moto_server: Any, s3: A
         result = node.command("restore", good, "--force")
         assert result.returncode == 0, result.stderr
         assert table_contents() == original
+
+
+def test_marker_without_sets_never_empty(make_node: Any, s3: Any, bucket: str) -> None:
+    node_a = node_with_data(make_node)
+    backup_once(node_a)
+    for key in manifest_keys(s3, bucket):  # the sets are gone, as after a wrong prefix or lost permissions
+        s3.delete_object(Bucket=bucket, Key=key)
+    node_a.destroy()
+
+    node_b: DtrNode = make_node("i-0bbbbbbbbbbbbbbbb")
+    daemon = node_b.start()
+    retries = daemon.wait_for("retry", count=2)
+    assert daemon.stop() == 0
+    assert all("no complete set can be read" in r["error"] for r in retries)
+    assert daemon.named("node.empty") == []
+    assert daemon.named("backup.start") == []
+    assert daemon.named("restore.start") == []

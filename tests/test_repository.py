@@ -199,3 +199,12 @@ def test_bucket_warnings_name_missing_protections(moto_server: Any, bucket: str,
         },
     )
     assert repository.bucket_warnings() == []
+
+
+def test_marker_written_with_first_set(moto_server: Any, bucket: str) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    assert repository.has_marker() is False
+    for _ in range(2):  # the second manifest leaves the existing marker as it is
+        set_id = new_set_id(utc_now())
+        repository.put_manifest(manifest_for(set_id, [upload(repository, set_id, "a", b"x")]))
+    assert repository.has_marker() is True
