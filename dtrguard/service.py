@@ -127,6 +127,10 @@ class Agent:
         clock = self.backup_started = time.monotonic()
         try:
             manifest = take_backup(node, self.instance_id, self.cancel)
+        except Aborted as exc:
+            self.state.last_backup = LastBackup("aborted", utc_now().isoformat(), error=str(exc))
+            self.save()
+            raise
         except DtrguardError as exc:
             self.state.last_backup = LastBackup("failed", utc_now().isoformat(), error=str(exc))
             self.state.last_error = str(exc)
@@ -278,6 +282,8 @@ class Agent:
         except RefusedError as exc:
             self.refusal = exc  # run() raises it once the scheduler has stopped
             self.stop.set()
+        except Aborted as exc:  # SIGTERM during a run: its uploads were aborted, and nothing is lost
+            _log.warning("backup.aborted", error=str(exc), instance_id=self.instance_id)
         except DtrguardError as exc:
             event = "backup.failed" if self.state.established else "decision.failed"
             _log.error(event, error=str(exc), instance_id=self.instance_id)

@@ -257,6 +257,7 @@ def test_sigterm_during_backup_leaves_nothing(make_node: Any, s3: Any, bucket: s
     daemon.wait_for("artifact.start", count=2)  # the var archive, with the large layer, is uploading
     assert daemon.stop() == 0
     assert daemon.named("backup.end") == []
+    assert [e for e in daemon.events if e.get("level") == "error"] == []  # an abort on request is no error
     assert manifest_keys(s3, bucket) == []
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
