@@ -24,7 +24,7 @@ FILE_NAME = "state.json"
 class LastBackup:
     """The outcome of the most recent backup attempt."""
 
-    result: str  # "ok" or "failed"
+    result: str  # "ok", "failed" or "aborted" (stopped by SIGTERM)
     at: str
     set_id: str | None = None
     size: int = 0
