@@ -15,7 +15,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dtrguard import __version__, log
+from dtrguard import __version__, lease, log
 from dtrguard.archive import write_archive
 from dtrguard.manifest import Artifact, Manifest, new_set_id, utc_now
 from dtrguard.node import Node
@@ -25,15 +25,20 @@ from dtrguard.repository import ArtifactUpload
 _log = log.get("backup")
 
 
-def take_backup(node: Node, instance_id: str, cancel: threading.Event) -> Manifest:
-    """Upload a complete backup set and return its manifest."""
+def take_backup(node: Node, instance_id: str, cancel: threading.Event, take_lease: bool = False) -> Manifest:
+    """Upload a complete backup set and return its manifest.
+
+    Before the manifest is written the writer lease is renewed, or taken when take_lease is set
+    (the first backup of a first node, or an operator's one-shot backup). A lease held by another
+    instance raises RefusedError, and the set's uploads are deleted.
+    """
     started = utc_now()
     set_id = new_set_id(started)
     clock = time.monotonic()
     _log.info("backup.start", set_id=set_id)
     uploader = _SetUploader(node, set_id, cancel)
     try:
-        manifest = _take(node, instance_id, started.isoformat(), uploader)
+        manifest = _take(node, instance_id, started.isoformat(), uploader, take_lease)
     except BaseException:
         uploader.delete_uploaded()
         raise
@@ -48,7 +53,7 @@ def take_backup(node: Node, instance_id: str, cancel: threading.Event) -> Manife
     return manifest
 
 
-def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader) -> Manifest:
+def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader, take_lease: bool) -> Manifest:
     containers = node.dtr.describe()
     pg = node.postgres
     pg.wait_ready()
@@ -82,6 +87,9 @@ def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader)
         dump_tool_version=dump_tool,
         row_counts=row_counts,
     )
+    writer = lease.take if take_lease else lease.renew
+    held = writer(node.repository, instance_id)
+    manifest = dataclasses.replace(manifest, lease_epoch=held.epoch)
     node.repository.put_manifest(manifest)
     return manifest
 

@@ -140,7 +140,7 @@ def _backup(agent: Agent, args: argparse.Namespace) -> None:
             "this node has no DTR data, so a backup would store an empty node as the newest set",
             hint="restore the node first, or run the backup on the node that has the data",
         )
-    manifest = agent.backup()
+    manifest = agent.backup(take_lease=True)  # an operator's backup makes this node the writer
     print(manifest.set_id)
 
 

@@ -68,6 +68,7 @@ class Manifest:
     postgres_server_version_num: int
     dump_tool_version: str
     row_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    lease_epoch: int = 0  # the writer lease's epoch when the set was committed; orders sets before time
     format: int = FORMAT
 
     @property
@@ -112,6 +113,7 @@ def parse(data: bytes, key: str) -> Manifest:
             artifacts=artifacts,
             containers=containers,
             row_counts=_row_counts(doc["row_counts"]),
+            lease_epoch=int(doc.get("lease_epoch", 0)),
         )
         manifest.finished  # noqa: B018 - validates the timestamp
     except (KeyError, TypeError, ValueError) as exc:

@@ -154,7 +154,7 @@ class Repository:
         return manifest
 
     def manifests(self) -> list[Manifest]:
-        """Return every readable manifest, oldest first by the manifest's own finish time.
+        """Return every readable manifest, oldest first: by writer-lease epoch, then by the manifest's finish time.
 
         A manifest that fails validation is logged and left out, so one damaged set never
         hides the others.
@@ -165,7 +165,7 @@ class Repository:
                 found.append(self.read_manifest(key))
             except IntegrityError as exc:
                 _log.error("manifest.invalid", key=key, error=str(exc))
-        return sorted(found, key=lambda m: (m.finished, m.set_id))
+        return sorted(found, key=lambda m: (m.lease_epoch, m.finished, m.set_id))
 
     def find(self, set_ref: str) -> Manifest | None:
         """Return the manifest named by set_ref ("latest" or a set id), or None."""

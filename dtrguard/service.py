@@ -27,7 +27,7 @@ from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from dtrguard import log, retention, state
+from dtrguard import lease, log, retention, state
 from dtrguard.backup import take_backup
 from dtrguard.config import Settings
 from dtrguard.errors import (
@@ -115,18 +115,19 @@ class Agent:
             raise
         finally:
             self.progress = None
+        lease.take(node.repository, self.instance_id)  # the restored node is now the one that writes
         self.state.restoring_set = None
         self.state.restored_set = manifest.set_id
         self.state.established = True
         self.state.last_error = None
         self.save()
 
-    def backup(self) -> Manifest:
-        """Take a backup set and record the result in the state file."""
+    def backup(self, take_lease: bool = False) -> Manifest:
+        """Take a backup set and record the result in the state file (see take_backup for take_lease)."""
         node = self.connect()
         clock = self.backup_started = time.monotonic()
         try:
-            manifest = take_backup(node, self.instance_id, self.cancel)
+            manifest = take_backup(node, self.instance_id, self.cancel, take_lease)
         except Aborted as exc:
             self.state.last_backup = LastBackup("aborted", utc_now().isoformat(), error=str(exc))
             self.save()
@@ -198,7 +199,7 @@ class Agent:
             )
         elif has_data:
             _log.info("node.first", instance_id=self.instance_id)
-            self.backup()
+            self.backup(take_lease=True)
         else:
             _log.info("node.empty", instance_id=self.instance_id, message="nothing to restore and nothing to protect")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from dtrguard import lease
 from dtrguard.config import S3Settings
 from dtrguard.errors import EXIT_REFUSED
 from dtrguard.manifest import parse
@@ -359,3 +360,19 @@ def test_marker_without_sets_never_empty(make_node: Any, s3: Any, bucket: str) -
     assert daemon.named("node.empty") == []
     assert daemon.named("backup.start") == []
     assert daemon.named("restore.start") == []
+
+
+def test_replaced_node_backup_refused(make_node: Any, moto_server: Any, s3: Any, bucket: str) -> None:
+    node_a = node_with_data(make_node)
+    daemon = node_a.start()
+    daemon.wait_for("backup.end")
+    # A replacement node restored and took the writer lease while node A still runs.
+    repository = Repository(S3Settings(bucket=bucket, prefix="dtr/test", endpoint_url=moto_server.url))
+    lease.take(repository, "i-0bbbbbbbbbbbbbbbb")
+    keys_before = manifest_keys(s3, bucket)
+    code = daemon.wait_exit()
+    assert code == EXIT_REFUSED
+    failure = daemon.named("command.failed")[0]
+    assert "i-0bbbbbbbbbbbbbbbb holds the writer lease" in failure["error"]
+    assert manifest_keys(s3, bucket) == keys_before
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
