@@ -237,6 +237,9 @@ def _status(agent: Agent, args: argparse.Namespace) -> None:
         return
     for key in ("service", "instance_id", "established", "restored_set", "restoring_set", "next_run", "last_error"):
         print(f"{key}: {report.get(key)}")
+    good = current.last_good_backup if current else None
+    if good is not None and good is not last and good.set_id != getattr(last, "set_id", None):
+        print(f"last_good_backup: {good.set_id} at {good.at} ({good.size} bytes)")
     if last is not None:
         print(f"last_backup: {last.result} {last.set_id or '-'} at {last.at}"
               f" ({report['last_backup_age_seconds']} s ago, {last.size} bytes)")  # fmt: skip

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import shlex
 import threading
 import time
 from dataclasses import dataclass
@@ -208,7 +209,7 @@ def describe_plan(node: Node, manifest: Manifest) -> list[str]:
         where = artifact.source or "roles"
         lines.append(f"  {artifact.kind:9} {where}: {artifact.key} ({artifact.size} bytes)")
     if not node.dtr.containers():
-        command = " ".join(node.settings.dtr.install_command).replace("{version}", manifest.dtr_version or "?")
+        command = shlex.join(node.settings.dtr.install_command).replace("{version}", manifest.dtr_version or "?")
         lines.append(f"  install DTR: {command}")
     lines.append("  start DTR containers: " + ", ".join(node.settings.dtr.start_order))
     return lines

@@ -261,6 +261,10 @@ class Agent:
         except Aborted as exc:
             _log.warning("service.aborted", error=str(exc))
             return
+        except RefusedError as exc:  # recorded so that `dtrguard status` shows why the service stopped
+            self.state.last_error = str(exc)
+            self.save()
+            raise
         if self.stop.is_set():
             return
         self._start_scheduler()

@@ -197,13 +197,5 @@ def ensure_node_image(deb_path: str | Path) -> str:
                 docker_cli("commit", *changes, container, tag)
             finally:
                 docker_cli("rm", "-f", container, check=False)
-        remove_other_node_images(tag)
+    # NOTE: node images of earlier .debs stay cached; another checkout's test run may still use them.
     return tag
-
-
-def remove_other_node_images(keep: str) -> None:
-    """Untag the node images of earlier .debs. Docker keeps any that a container still uses."""
-    listed = docker_cli("images", "--format", "{{.Repository}}:{{.Tag}}", NODE_IMAGE_REPO).stdout.split()
-    for tag in listed:
-        if tag != keep:
-            docker_cli("rmi", tag, check=False)
