@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dtrnode import DTR_NAMES_LOCK, RUNNING, DtrNode, remove_containers  # noqa: E402
+from dtrnode import DTR_NAMES_LOCK, RUNNING, DtrNode, assert_no_secret, remove_containers  # noqa: E402
 from servers import MotoServer  # noqa: E402
 
 # No test may reach the EC2 metadata address or real AWS credentials.
@@ -77,6 +77,8 @@ def make_node(tmp_path: Path, moto_server: MotoServer, bucket: str, dtr_containe
 
     yield factory
     while RUNNING:
-        RUNNING.pop().kill()
+        daemon = RUNNING.pop()
+        daemon.kill()
+        assert_no_secret(daemon.dump(), "dtrguard run")
     for node in created:
         node.destroy()

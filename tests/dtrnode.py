@@ -30,6 +30,12 @@ CONTAINERS = [PREFIX + "postgres", *(PREFIX + role for role in APP_ROLES)]
 # Test runs, the demo and the systemd drill all create containers with DTR's fixed names, so they take turns.
 DTR_NAMES_LOCK = "/tmp/dtrguard-dtr-names.lock"
 RUNNING: list[Daemon] = []  # every daemon started, so a failed test cannot leave one behind
+# The secret key every dtrguard process in the tests gets; no output line may contain it.
+SECRET = "dtrguard-test-secret-0b6e3c1f9a"
+
+
+def assert_no_secret(output: str, source: str) -> None:
+    assert SECRET not in output, f"{source} printed the AWS secret access key"
 
 
 @dataclass
@@ -153,7 +159,7 @@ stop_timeout = "5s"
     def command(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        result = subprocess.run(
             [sys.executable, "-m", "dtrguard", "--config", str(self.config_path), *args],
             capture_output=True,
             text=True,
@@ -161,6 +167,8 @@ stop_timeout = "5s"
             env=test_env({**self.env, **(env or {})}),
             cwd=REPO,
         )
+        assert_no_secret(result.stdout + result.stderr, f"dtrguard {' '.join(args)}")
+        return result
 
     def start(self) -> Daemon:
         daemon = Daemon(
@@ -174,7 +182,7 @@ def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_SECRET_ACCESS_KEY=SECRET,
         AWS_EC2_METADATA_DISABLED="true",
         AWS_DEFAULT_REGION="us-east-1",
         PYTHONPATH=str(REPO),
