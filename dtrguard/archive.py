@@ -37,7 +37,7 @@ class Writable(Protocol):
 
 @dataclass
 class ArchiveStats:
-    """What went into, or came out of, one archive."""
+    """Counts of the files and bytes written to or read from one archive, and the paths skipped."""
 
     files: int = 0
     bytes: int = 0

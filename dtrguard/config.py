@@ -118,13 +118,13 @@ class Settings:
 
 @dataclass(frozen=True)
 class RetentionSettings:
-    """Which sets pruning keeps: grandfather-father-son windows, in seconds, and hard floors."""
+    """Retention policy: grandfather-father-son windows, in seconds, and the floors that keep good history."""
 
     keep_all_within: float = 86400.0  # every set of the last day
     hourly_within: float = 7 * 86400.0  # the newest set of each hour for a week
     daily_within: float = 30 * 86400.0  # the newest set of each day for 30 days
     weekly_within: float = 12 * 604800.0  # the newest set of each week for 12 weeks
-    keep_last: int = 3  # the newest complete sets, whatever the windows say
+    keep_last: int = 3  # the newest complete sets, kept even outside every window
     max_drop: float = 0.5  # a larger fall in rows or directory bytes skips pruning
     orphan_grace: float = 86400.0  # artifacts without a manifest, and open uploads, older than this go
 

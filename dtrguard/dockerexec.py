@@ -57,7 +57,7 @@ class Exec:
                 f"container {container} not found", hint="check [postgres].container in the config"
             ) from None
         except APIError as exc:
-            if exc.status_code == 409:  # the Engine's answer for a container that is not running
+            if exc.status_code == 409:  # the Engine's status code for a container that is not running
                 raise DtrguardError(
                     f"container {container} is not running", hint=f"start it with `docker start {container}`"
                 ) from None

@@ -1,6 +1,6 @@
 """Pruning: which sets to keep (grandfather-father-son), and the guards that keep good history.
 
-Three rules protect the last good backup whatever the windows say:
+Three rules protect the last good backup, whatever the windows select:
 - the newest `keep_last` complete sets are never deleted;
 - when the newest set's rows or directory bytes fell by more than `max_drop` against the set
   before it, nothing is pruned, because an emptied node must not push the good history out;

@@ -150,7 +150,7 @@ class Agent:
         return manifest
 
     def prune(self, dry_run: bool = False) -> retention.PrunePlan | None:
-        """Apply the retention policy; a failure is logged, never raised, so the backup stands."""
+        """Apply the retention policy. A failure is logged, not raised, because the backup itself succeeded."""
         repository = self.connect().repository
         try:
             pruning = retention.plan(repository, self.settings.retention, utc_now())
@@ -287,7 +287,7 @@ class Agent:
         except RefusedError as exc:
             self.refusal = exc  # run() raises it once the scheduler has stopped
             self.stop.set()
-        except Aborted as exc:  # SIGTERM during a run: its uploads were aborted, and nothing is lost
+        except Aborted as exc:  # SIGTERM during a run: its uploads were aborted, so no partial set remains
             _log.warning("backup.aborted", error=str(exc), instance_id=self.instance_id)
         except DtrguardError as exc:
             event = "backup.failed" if self.state.established else "decision.failed"

@@ -44,7 +44,7 @@ class State:
     last_good_backup: LastBackup | None = None
     last_error: str | None = None
     next_run: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # unused; kept so older state files still load
 
 
 def load(state_dir: Path) -> State | None:
@@ -109,7 +109,7 @@ def locked(state_dir: Path, name: str, wait: bool) -> Iterator[None]:
 
 
 def lock_holder(state_dir: Path, name: str = SERVICE_LOCK) -> int | None:
-    """Return the pid of the process holding a lock (-1 if unknown), or None when nobody holds it."""
+    """Return the pid of the process holding a lock (-1 if unknown), or None when the lock is free."""
     try:
         handle = open(state_dir / name)  # noqa: SIM115 - closed below in every branch
     except FileNotFoundError:
