@@ -339,6 +339,12 @@ class SwapJournal:
         self.staging.mkdir(mode=0o700)
         self.write(set_id, "extracting")
 
+    def discard(self) -> None:
+        """Remove a staging that was never swapped in: the work dir, while the journal says "extracting"."""
+        journal = self.read()
+        if journal is None or journal.get("phase") == "extracting":
+            shutil.rmtree(self.work, ignore_errors=True)
+
     def swap(self, set_id: str, root: dict[str, float] | None, keep: Sequence[str]) -> None:
         """Replace the live contents with staging, carrying the paths in keep across unchanged."""
         journal = self.read() or {}

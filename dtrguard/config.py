@@ -68,6 +68,9 @@ class NodeSettings:
     imds_timeout: float = 2.0
     imds_attempts: int = 5
     state_dir: Path = Path("/var/lib/dtrguard")
+    # At first boot, when the newest set fails its checks: "stop" for an operator, or "restore_older",
+    # which restores the newest older set that passes (losing the changes between the two sets).
+    on_bad_set: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -268,7 +271,10 @@ def _parse_node(table: _Table) -> NodeSettings:
         imds_timeout=table.duration("imds_timeout", 2.0),
         imds_attempts=table.positive_int("imds_attempts", 5),
         state_dir=Path(state_dir),
+        on_bad_set=table.string("on_bad_set", "stop"),
     )
+    if settings.on_bad_set not in ("stop", "restore_older"):
+        table.invalid("on_bad_set", settings.on_bad_set, 'use "stop" or "restore_older"')
     table.reject_unknown()
     return settings
 

@@ -83,6 +83,8 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
             _checkpoint(cancel, set_id)
             staged.append(stage_directory(node, manifest, directory, progress))
     except BaseException:
+        for directory in node.settings.directories:
+            SwapJournal(directory.path).discard()
         _restart_after_failure(node)
         raise
     for directory, staging in zip(node.settings.directories, staged, strict=True):

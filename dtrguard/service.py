@@ -209,17 +209,35 @@ class Agent:
             self.decide()
 
     def _restore_newest(self, manifests: list[Manifest]) -> None:
-        """Restore the newest set; if it fails its checks, stop for an operator rather than loop."""
+        """Restore the newest set. If it fails its checks, stop for an operator rather than loop, or,
+        with on_bad_set = "restore_older", restore the newest older set that passes."""
         newest = manifests[-1]
-        try:
-            self.restore(newest)
-        except IntegrityError as exc:
-            older = [m.set_id for m in manifests[-4:-1]][::-1]
-            choice = f"`dtrguard restore {older[0]} --force` (newer to older: {', '.join(older)})" if older else None
+        candidates = manifests[::-1] if self.settings.node.on_bad_set == "restore_older" else [newest]
+        rejected: list[str] = []
+        for manifest in candidates:
+            try:
+                self.restore(manifest)
+            except IntegrityError as exc:
+                _log.error("restore.set_rejected", set_id=manifest.set_id, error=exc.message)
+                rejected.append(f"{manifest.set_id}: {exc.message}")
+                continue
+            if rejected:
+                _log.warning("restore.older_set", set_id=manifest.set_id, rejected=len(rejected), newest=newest.set_id)
+            return
+        if len(candidates) > 1:
             raise RefusedError(
-                f"the newest set {newest.set_id} failed its checks, so nothing was restored: {exc.message}",
-                hint=f"restore an earlier set with {choice}" if choice else "no earlier complete set exists",
-            ) from None
+                f"all {len(candidates)} sets failed their checks, so nothing was restored",
+                detail="; ".join(rejected[:5]),
+                hint="check the bucket for damaged objects; the errors above name each artifact",
+            )
+        older = [m.set_id for m in manifests[-4:-1]][::-1]
+        choice = f"`dtrguard restore {older[0]} --force` (newer to older: {', '.join(older)})" if older else None
+        hint = f"restore an earlier set with {choice}" if choice else "no earlier complete set exists"
+        if older:
+            hint += ', or set on_bad_set = "restore_older" in [node] to have the service do it'
+        reason = rejected[0].split(": ", 1)[1]
+        message = f"the newest set {newest.set_id} failed its checks, so nothing was restored: {reason}"
+        raise RefusedError(message, hint=hint)
 
     def _resume(self, node: Node, set_id: str) -> None:
         _log.warning("restore.resume", set_id=set_id)

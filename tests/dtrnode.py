@@ -49,6 +49,7 @@ class DtrNode:
     interval: str = "2s"
     extra_config: str = ""  # appended after the [dtr] table
     schedule_config: str = ""  # appended inside the [schedule] table
+    node_config: str = ""  # appended inside the [node] table
     imds_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the environment of every dtrguard process
 
@@ -95,6 +96,7 @@ max_attempts = 2
 instance_id_source = "{source}"
 imds_endpoint = "{self.imds_url or "http://127.0.0.1:9"}"
 state_dir = "{self.state_dir}"
+{self.node_config}
 
 [schedule]
 interval = "{self.interval}"

@@ -376,3 +376,38 @@ def test_replaced_node_backup_refused(make_node: Any, moto_server: Any, s3: Any,
     assert "i-0bbbbbbbbbbbbbbbb holds the writer lease" in failure["error"]
     assert manifest_keys(s3, bucket) == keys_before
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("on_bad_set", ["stop", "restore_older"])
+def test_changed_byte_refuses_set(make_node: Any, s3: Any, bucket: str, on_bad_set: str) -> None:
+    node_a = node_with_data(make_node)
+    older = backup_once(node_a)
+    older_tables = table_contents()
+    sql(None, "insert into settings values ('newer', 'set')")
+    newer = backup_once(node_a)
+    node_a.destroy()
+    # One byte of the newer set's var-dtr archive changes in S3; its size stays the same.
+    key = f"dtr/test/sets/{newer}/var-dtr.tar.zst"
+    data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+    node_b: DtrNode = make_node("i-0bbbbbbbbbbbbbbbb", node_config=f'on_bad_set = "{on_bad_set}"')
+    daemon = node_b.start()
+    if on_bad_set == "stop":
+        assert daemon.wait_exit() == EXIT_REFUSED
+        failure = daemon.named("command.failed")[0]
+        assert key in failure["error"] and "sha256" in failure["error"]
+        assert older in failure["hint"]
+        assert daemon.named("restore.end") == []
+        assert not any(node_b.etc.iterdir()) and not any(node_b.var.iterdir())
+        status = json.loads(node_b.command("status", "--json").stdout)
+        assert key in status["last_error"]
+        return
+    restored = daemon.wait_for("restore.end")[0]
+    assert restored["set_id"] == older
+    rejected = daemon.named("restore.set_rejected")
+    assert [event["set_id"] for event in rejected] == [newer]
+    assert key in rejected[0]["error"]
+    assert table_contents() == older_tables
+    assert daemon.stop() == 0
