@@ -17,6 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dtrguard import __version__, lease, log
 from dtrguard.archive import write_archive
+from dtrguard.crypto import DataKey
 from dtrguard.manifest import Artifact, Manifest, new_set_id, utc_now
 from dtrguard.node import Node
 from dtrguard.postgres import Postgres
@@ -36,7 +37,8 @@ def take_backup(node: Node, instance_id: str, cancel: threading.Event, take_leas
     set_id = new_set_id(started)
     clock = time.monotonic()
     _log.info("backup.start", set_id=set_id)
-    uploader = _SetUploader(node, set_id, cancel)
+    data_key = node.repository.new_data_key(set_id)
+    uploader = _SetUploader(node, set_id, cancel, data_key)
     try:
         manifest = _take(node, instance_id, started.isoformat(), uploader, take_lease)
     except BaseException:
@@ -86,6 +88,7 @@ def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader,
         postgres_server_version_num=server_version_num,
         dump_tool_version=dump_tool,
         row_counts=row_counts,
+        encryption=uploader.data_key.envelope if uploader.data_key else None,
     )
     writer = lease.take if take_lease else lease.renew
     held = writer(node.repository, instance_id)
@@ -107,14 +110,15 @@ def _dump(pg: Postgres, database: str, out: ArtifactUpload) -> None:
 class _SetUploader:
     """Uploads the artifacts of one set and remembers them, to delete them if the set fails."""
 
-    def __init__(self, node: Node, set_id: str, cancel: threading.Event):
+    def __init__(self, node: Node, set_id: str, cancel: threading.Event, data_key: DataKey | None):
         self.repository = node.repository
         self.set_id = set_id
         self.cancel = cancel
+        self.data_key = data_key
         self.uploaded: list[str] = []
 
     def upload(self, name: str, kind: str, source: str, produce: Callable[[ArtifactUpload], object]) -> Artifact:
-        upload = self.repository.upload(self.set_id, name, self.cancel)
+        upload = self.repository.upload(self.set_id, name, self.cancel, self.data_key)
         clock = time.monotonic()
         _log.info("artifact.start", set_id=self.set_id, artifact=name)
         try:

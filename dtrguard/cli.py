@@ -218,8 +218,9 @@ def _list(agent: Agent, args: argparse.Namespace) -> None:
 def _verify(agent: Agent, args: argparse.Namespace) -> None:
     manifest = _find(agent, args.set)
     repository = agent.connect().repository
+    data_key = repository.data_key(manifest)
     for artifact in manifest.artifacts:
-        repository.verify(artifact, agent.cancel)
+        repository.verify(artifact, agent.cancel, data_key=data_key)
         _log.info("artifact.verified", set_id=manifest.set_id, artifact=artifact.name, bytes=artifact.size)
     print(f"{manifest.set_id}: {len(manifest.artifacts)} artifacts verified")
 

@@ -43,7 +43,9 @@ class S3Settings:
     prefix: str = "dtrguard"
     region: str = "us-east-1"
     endpoint_url: str | None = None
-    kms_key_id: str | None = None
+    kms_key_id: str | None = None  # SSE-KMS: S3 encrypts each object with this key
+    envelope_kms_key_id: str | None = None  # client-side: each set's data key is wrapped by this key
+    kms_endpoint_url: str | None = None
     part_size: int = 16 * 1024 * 1024
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -202,6 +204,9 @@ def _parse_s3(table: _Table) -> S3Settings:
     endpoint = table.string("endpoint_url", "") or None
     if endpoint and not re.match(r"^https?://", endpoint):
         table.invalid("endpoint_url", endpoint, "use a URL starting with http:// or https://")
+    kms_endpoint = table.string("kms_endpoint_url", "") or None
+    if kms_endpoint and not re.match(r"^https?://", kms_endpoint):
+        table.invalid("kms_endpoint_url", kms_endpoint, "use a URL starting with http:// or https://")
     part_mb = table.number("part_size_mb", 16)
     if not 5 <= part_mb <= 512:
         table.invalid("part_size_mb", part_mb, "use 5 to 512 (S3 parts are at least 5 MiB)")
@@ -211,6 +216,8 @@ def _parse_s3(table: _Table) -> S3Settings:
         region=table.string("region", "us-east-1"),
         endpoint_url=endpoint,
         kms_key_id=table.string("kms_key_id", "") or None,
+        envelope_kms_key_id=table.string("envelope_kms_key_id", "") or None,
+        kms_endpoint_url=kms_endpoint,
         part_size=int(part_mb * 1024 * 1024),
         connect_timeout=table.duration("connect_timeout", 10.0),
         read_timeout=table.duration("read_timeout", 60.0),

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from dtrguard.crypto import Envelope
 from dtrguard.errors import IntegrityError
 
 FORMAT = 1
@@ -69,6 +70,7 @@ class Manifest:
     dump_tool_version: str
     row_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     lease_epoch: int = 0  # the writer lease's epoch when the set was committed; orders sets before time
+    encryption: Envelope | None = None  # set when the artifacts are encrypted client-side
     format: int = FORMAT
 
     @property
@@ -114,6 +116,7 @@ def parse(data: bytes, key: str) -> Manifest:
             containers=containers,
             row_counts=_row_counts(doc["row_counts"]),
             lease_epoch=int(doc.get("lease_epoch", 0)),
+            encryption=_envelope(doc.get("encryption")),
         )
         manifest.finished  # noqa: B018 - validates the timestamp
     except (KeyError, TypeError, ValueError) as exc:
@@ -147,6 +150,14 @@ def _artifact(item: Any) -> Artifact:
     if not isinstance(artifact.sha256, str) or len(artifact.sha256) != 64:
         raise ValueError(f"artifact {artifact.name!r} has invalid sha256 {artifact.sha256!r}")
     return artifact
+
+
+def _envelope(value: Any) -> Envelope | None:
+    if value is None:
+        return None
+    envelope = Envelope(**_fields(value, Envelope))
+    envelope.validate()
+    return envelope
 
 
 def _row_counts(value: Any) -> dict[str, dict[str, int]]:

@@ -23,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dtrguard import log
 from dtrguard.config import S3Settings
+from dtrguard.crypto import DataKey, FrameDecryptor, FrameEncryptor, KeyService
 from dtrguard.errors import Aborted, IntegrityError, RepositoryUnavailable
 from dtrguard.manifest import Artifact, Manifest, parse
 
@@ -64,6 +65,8 @@ class Repository:
         self.client = client or make_client(settings)
         self.bucket = settings.bucket
         self.prefix = settings.prefix
+        self._keys: dict[str, DataKey] = {}
+        self._key_service: KeyService | None = None
 
     def artifact_key(self, set_id: str, name: str) -> str:
         return f"{self.prefix}/sets/{set_id}/{name}"
@@ -76,9 +79,34 @@ class Repository:
             return {}
         return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_id}
 
-    def upload(self, set_id: str, name: str, cancel: threading.Event) -> ArtifactUpload:
-        """Start a streaming upload of one artifact; write raw bytes, then call finish()."""
-        return ArtifactUpload(self, self.artifact_key(set_id, name), cancel)
+    def upload(
+        self, set_id: str, name: str, cancel: threading.Event, data_key: DataKey | None = None
+    ) -> ArtifactUpload:
+        """Start a streaming upload of one artifact; write raw bytes, then call finish().
+
+        With data_key, the compressed stream is encrypted with it (see dtrguard.crypto).
+        """
+        encryptor = data_key.encryptor(name) if data_key is not None else None
+        return ArtifactUpload(self, self.artifact_key(set_id, name), cancel, encryptor)
+
+    def keys(self) -> KeyService:
+        if self._key_service is None:
+            self._key_service = KeyService(self.settings)
+        return self._key_service
+
+    def new_data_key(self, set_id: str) -> DataKey | None:
+        """Return a fresh data key for a set when client-side encryption is configured, else None."""
+        if not self.settings.envelope_kms_key_id:
+            return None
+        return self.keys().new_data_key(self.settings.envelope_kms_key_id, set_id)
+
+    def data_key(self, manifest: Manifest) -> DataKey | None:
+        """Return the data key that decrypts a set's artifacts, or None for a set stored unencrypted."""
+        if manifest.encryption is None:
+            return None
+        if manifest.set_id not in self._keys:
+            self._keys[manifest.set_id] = self.keys().unwrap(manifest.set_id, manifest.encryption)
+        return self._keys[manifest.set_id]
 
     def marker_key(self) -> str:
         return f"{self.prefix}/repository.json"
@@ -175,17 +203,25 @@ class Repository:
         key = self.manifest_key(set_ref)
         return self.read_manifest(key) if self.exists(key) else None
 
-    def open(self, artifact: Artifact, on_bytes: Callable[[int], None] | None = None) -> io.BufferedReader:
+    def open(
+        self,
+        artifact: Artifact,
+        on_bytes: Callable[[int], None] | None = None,
+        data_key: DataKey | None = None,
+    ) -> io.BufferedReader:
         """Open an artifact for reading: decompressed bytes, checked against the manifest.
 
-        on_bytes, if given, is called with the size of each compressed chunk as it arrives.
+        on_bytes, if given, is called with the size of each stored chunk as it arrives. An
+        encrypted set's artifacts need its data_key (see data_key()).
         """
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=artifact.key)["Body"]
         except (ClientError, BotoCoreError) as exc:
             raise unavailable(f"read of {artifact.key}", exc) from None
-        verified = VerifiedStream(body.iter_chunks(DOWNLOAD_CHUNK), artifact, on_bytes)
-        reader = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], verified), read_across_frames=True)
+        source: io.RawIOBase = VerifiedStream(body.iter_chunks(DOWNLOAD_CHUNK), artifact, on_bytes)
+        if data_key is not None:
+            source = FrameDecryptor(source, data_key, artifact.name, artifact.key)
+        reader = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], source), read_across_frames=True)
         return io.BufferedReader(reader, buffer_size=DOWNLOAD_CHUNK)
 
     def verify(
@@ -193,9 +229,10 @@ class Repository:
         artifact: Artifact,
         cancel: threading.Event | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        data_key: DataKey | None = None,
     ) -> None:
-        """Download an artifact whole and check its size, sha256 and zstd framing."""
-        with self.open(artifact, on_bytes) as reader:
+        """Download an artifact whole and check its size, sha256, encryption frames and zstd framing."""
+        with self.open(artifact, on_bytes, data_key) as reader:
             while reader.read(DOWNLOAD_CHUNK):
                 if cancel is not None and cancel.is_set():
                     raise Aborted(f"verification of {artifact.key} stopped on request")
@@ -232,20 +269,23 @@ class Repository:
 
 
 class ArtifactUpload:
-    """A zstd-compressing, hashing, multipart upload fed by write().
+    """A zstd-compressing, optionally encrypting, hashing, multipart upload fed by write().
 
     Memory stays at about one part (S3Settings.part_size) whatever the artifact's size. A
     stream shorter than one part goes up with a single PutObject. Any failure, or cancel being
     set, aborts the multipart upload so no orphaned parts remain.
     """
 
-    def __init__(self, repository: Repository, key: str, cancel: threading.Event):
+    def __init__(
+        self, repository: Repository, key: str, cancel: threading.Event, encryptor: FrameEncryptor | None = None
+    ):
         self.repository = repository
         self.client = repository.client
         self.key = key
         self.cancel = cancel
         self.part_size = repository.settings.part_size
         self.compressor = zstandard.ZstdCompressor(level=3).compressobj()
+        self.encryptor = encryptor
         self.sha256 = hashlib.sha256()
         self.buffer = bytearray()
         self.raw_size = 0
@@ -260,12 +300,15 @@ class ArtifactUpload:
         self._push(self.compressor.compress(bytes(data)))
         return len(data)
 
-    def _push(self, compressed: bytes) -> None:
-        if not compressed:
+    def _push(self, compressed: bytes, last: bool = False) -> None:
+        stored = compressed
+        if self.encryptor is not None:
+            stored = self.encryptor.update(compressed) + (self.encryptor.finish() if last else b"")
+        if not stored:
             return
-        self.sha256.update(compressed)
-        self.size += len(compressed)
-        self.buffer += compressed
+        self.sha256.update(stored)
+        self.size += len(stored)
+        self.buffer += stored
         while len(self.buffer) >= self.part_size:
             part = bytes(self.buffer[: self.part_size])
             del self.buffer[: self.part_size]
@@ -291,7 +334,7 @@ class ArtifactUpload:
         """Flush, complete the upload and return (size, sha256, raw size)."""
         if self.cancel.is_set():
             raise Aborted(f"upload of {self.key} stopped on request")
-        self._push(self.compressor.flush())
+        self._push(self.compressor.flush(), last=True)
         try:
             if self.upload_id is None:
                 self.client.put_object(

@@ -70,10 +70,11 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     if postgres is not None and postgres.status == "running":
         check_postgres_version(node, manifest)
 
+    data_key = node.repository.data_key(manifest)  # an encrypted set's key is unwrapped before any change
     progress.phase = "verifying database dumps"
     for artifact in manifest.artifacts:
         if artifact.kind in ("globals", "database"):
-            node.repository.verify(artifact, cancel, progress.add)
+            node.repository.verify(artifact, cancel, progress.add, data_key)
 
     node.dtr.stop_all_but_postgres()
     try:
@@ -169,7 +170,8 @@ def stage_directory(
     clock = time.monotonic()
     _log.info("directory.start", set_id=manifest.set_id, directory=str(target), bytes=artifact.size)
     journal.begin(manifest.set_id)
-    with node.repository.open(artifact, progress.add if progress else None) as stream:
+    data_key = node.repository.data_key(manifest)
+    with node.repository.open(artifact, progress.add if progress else None, data_key) as stream:
         stats, root = extract_archive(stream, journal.staging, target)
     _log.info(
         "directory.staged", set_id=manifest.set_id, directory=str(target), files=stats.files,
@@ -192,13 +194,14 @@ def restore_database(node: Node, manifest: Manifest, progress: Progress | None =
     clock = time.monotonic()
     _log.info("database.start", set_id=manifest.set_id)
     on_bytes = progress.add if progress else None
-    with node.repository.open(_artifact(manifest, "globals", ""), on_bytes) as stream:
+    data_key = node.repository.data_key(manifest)
+    with node.repository.open(_artifact(manifest, "globals", ""), on_bytes, data_key) as stream:
         node.postgres.restore_globals(stream)
     for artifact in manifest.artifacts:
         if artifact.kind != "database":
             continue
         node.postgres.ensure_database(artifact.source, artifact.owner or node.settings.postgres.user)
-        with node.repository.open(artifact, on_bytes) as stream:
+        with node.repository.open(artifact, on_bytes, data_key) as stream:
             node.postgres.restore_database(artifact.source, stream)
         _log.info("database.restored", set_id=manifest.set_id, database=artifact.source, bytes=artifact.size)
     _log.info("database.end", set_id=manifest.set_id, seconds=round(time.monotonic() - clock, 2))

@@ -1,0 +1,199 @@
+"""Client-side envelope encryption, against the KMS and S3 APIs of moto's server over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+import threading
+from typing import Any
+
+import boto3
+import pytest
+
+from dtrguard.config import S3Settings
+from dtrguard.crypto import FRAME, MAGIC, TAG, DataKey, Envelope, FrameDecryptor
+from dtrguard.errors import IntegrityError, RepositoryUnavailable
+from dtrguard.manifest import Artifact, new_set_id, parse, utc_now
+from dtrguard.repository import Repository
+
+from test_repository import manifest_for
+
+MiB = 1024 * 1024
+# Text that a directory archive of a DTR node holds and that must never be readable in the bucket.
+SECRET_TEXT = b"-----BEGIN RSA PRIVATE KEY----- license key_id k-8f3e2a"
+
+
+@pytest.fixture
+def kms_key(moto_server: Any) -> str:
+    kms = boto3.client("kms", endpoint_url=moto_server.url, region_name="us-east-1")
+    return str(kms.create_key(Description="dtrguard test")["KeyMetadata"]["KeyId"])
+
+
+def encrypted_repository(url: str, bucket: str, key_id: str) -> Repository:
+    settings = S3Settings(
+        bucket=bucket,
+        prefix="test",
+        endpoint_url=url,
+        part_size=5 * MiB,
+        max_attempts=1,
+        envelope_kms_key_id=key_id,
+        kms_endpoint_url=url,
+    )
+    return Repository(settings)
+
+
+def sample(size: int) -> bytes:
+    """Half random, half repeated text with the secret in it, so zstd has work and the secret recurs."""
+    return (os.urandom(size // 2) + SECRET_TEXT * (size // 2 // len(SECRET_TEXT) + 1))[:size]
+
+
+def put(repository: Repository, key: DataKey, name: str, data: bytes) -> Artifact:
+    writer = repository.upload(key.set_id, name, threading.Event(), key)
+    for offset in range(0, len(data), MiB):
+        writer.write(data[offset : offset + MiB])
+    size, sha256, raw_size = writer.finish()
+    return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x")
+
+
+def stored(s3: Any, bucket: str, artifact: Artifact) -> bytes:
+    return bytes(s3.get_object(Bucket=bucket, Key=artifact.key)["Body"].read())
+
+
+def rewrite(s3: Any, bucket: str, artifact: Artifact, data: bytes) -> Artifact:
+    """Replace an object and make the manifest's size and sha256 match, as someone with write access could."""
+    import hashlib
+
+    s3.put_object(Bucket=bucket, Key=artifact.key, Body=data)
+    return dataclasses.replace(artifact, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def decrypt_all(repository: Repository, artifact: Artifact, key: DataKey) -> bytes:
+    with repository.open(artifact, data_key=key) as stream:
+        return stream.read()
+
+
+@pytest.mark.parametrize("size", [0, 1000, FRAME, 3 * MiB + 17])
+def test_round_trip_hides_plaintext(moto_server: Any, bucket: str, s3: Any, kms_key: str, size: int) -> None:
+    repository = encrypted_repository(moto_server.url, bucket, kms_key)
+    set_id = new_set_id(utc_now())
+    key = repository.new_data_key(set_id)
+    assert key is not None
+    data = sample(size)
+    artifact = put(repository, key, "etc-dtr.tar.zst", data)
+
+    body = stored(s3, bucket, artifact)
+    assert body.startswith(MAGIC)
+    assert SECRET_TEXT[:24] not in body
+    assert decrypt_all(repository, artifact, key) == data
+    # A second reader unwraps the key from the manifest through KMS, as a replacement node does.
+    manifest = parse(manifest_for(set_id, [artifact]).to_json(), "m")
+    manifest = dataclasses.replace(manifest, encryption=key.envelope)
+    reread = parse(manifest.to_json(), "m")
+    fresh = encrypted_repository(moto_server.url, bucket, kms_key)
+    assert decrypt_all(fresh, artifact, fresh.data_key(reread)) == data  # type: ignore[arg-type]
+
+
+def test_data_key_is_never_printed(moto_server: Any, bucket: str, kms_key: str) -> None:
+    repository = encrypted_repository(moto_server.url, bucket, kms_key)
+    key = repository.new_data_key("20261204T000000Z-00000001")
+    assert key is not None
+    plaintext = key._plaintext
+    for text in (repr(key), str(key), repr(key.envelope)):
+        assert plaintext.hex() not in text and base64.b64encode(plaintext).decode() not in text
+
+
+def frames_of(body: bytes) -> list[bytes]:
+    """Split a stored object into its frames (flag byte included)."""
+    frames, offset = [], len(MAGIC)
+    while offset < len(body):
+        length = 1 + (FRAME + TAG if body[offset] == 0 else len(body) - offset - 1)
+        frames.append(body[offset : offset + length])
+        offset += length
+    return frames
+
+
+@pytest.mark.parametrize("change", ["flip", "drop_last", "swap", "reflag", "header"])
+def test_tampered_object_refused(moto_server: Any, bucket: str, s3: Any, kms_key: str, change: str) -> None:
+    repository = encrypted_repository(moto_server.url, bucket, kms_key)
+    key = repository.new_data_key(new_set_id(utc_now()))
+    assert key is not None
+    artifact = put(repository, key, "db-dtr.dump.zst", os.urandom(3 * FRAME + 100))
+    body = stored(s3, bucket, artifact)
+    frames = frames_of(body)
+    assert len(frames) == 4
+    if change == "flip":
+        changed = bytearray(body)
+        changed[len(MAGIC) + FRAME // 2] ^= 0x01
+        data = bytes(changed)
+    elif change == "drop_last":
+        data = MAGIC + b"".join(frames[:-1])
+    elif change == "swap":
+        data = MAGIC + frames[1] + frames[0] + b"".join(frames[2:])
+    elif change == "reflag":  # the third frame claims to be the last, cutting the stream there
+        data = MAGIC + frames[0] + frames[1] + b"\x01" + frames[2][1:]
+    else:
+        data = b"X" + body[1:]
+    # The manifest is made to match, so only the encryption can tell.
+    forged = rewrite(s3, bucket, artifact, data)
+    with pytest.raises(IntegrityError) as failure:
+        decrypt_all(repository, forged, key)
+    assert forged.key in failure.value.message
+
+
+def test_artifact_moved_to_other_name_refused(moto_server: Any, bucket: str, s3: Any, kms_key: str) -> None:
+    repository = encrypted_repository(moto_server.url, bucket, kms_key)
+    key = repository.new_data_key(new_set_id(utc_now()))
+    assert key is not None
+    source = put(repository, key, "etc-dtr.tar.zst", b"certificate bytes")
+    target = put(repository, key, "var-dtr.tar.zst", b"blob bytes")
+    moved = rewrite(s3, bucket, target, stored(s3, bucket, source))
+    with pytest.raises(IntegrityError, match="authentication check at frame 0"):
+        decrypt_all(repository, moved, key)
+
+
+def test_wrapped_key_of_other_set_refused(moto_server: Any, bucket: str, kms_key: str) -> None:
+    repository = encrypted_repository(moto_server.url, bucket, kms_key)
+    key_a = repository.new_data_key("20261204T000000Z-0000000a")
+    assert key_a is not None
+    artifact = put(repository, key_a, "etc-dtr.tar.zst", b"x" * 100)
+    # Set b's manifest carries set a's wrapped key: KMS's encryption context ties the key to set a.
+    manifest = dataclasses.replace(manifest_for("20261204T000000Z-0000000b", [artifact]), encryption=key_a.envelope)
+    with pytest.raises(IntegrityError, match="KMS refused the wrapped data key of set 20261204T000000Z-0000000b"):
+        encrypted_repository(moto_server.url, bucket, kms_key).data_key(manifest)
+
+
+def test_unencrypted_set_needs_no_key(moto_server: Any, bucket: str, kms_key: str) -> None:
+    repository = encrypted_repository(moto_server.url, bucket, kms_key)
+    assert repository.data_key(manifest_for("20261204T000000Z-0000000c", [])) is None
+
+
+def test_missing_kms_key_named(moto_server: Any, bucket: str) -> None:
+    repository = encrypted_repository(moto_server.url, bucket, "alias/dtrguard-missing")
+    with pytest.raises(RepositoryUnavailable) as failure:
+        repository.new_data_key("20261204T000000Z-0000000d")
+    assert "key alias/dtrguard-missing" in str(failure.value)
+    assert "NotFoundException" in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [("scheme", "rot13", "scheme"), ("wrapped_key", "not base64!", "wrapped_key"), ("kms_key_id", "", "kms_key_id")],
+)
+def test_manifest_with_bad_envelope_rejected(field: str, value: str, named: str) -> None:
+    envelope = Envelope("kms-aes-256-gcm-frames-1", "key-1", base64.b64encode(b"blob").decode())
+    manifest = dataclasses.replace(
+        manifest_for("20261204T000000Z-0000000e", [Artifact("a", "directory", "k", 1, "0" * 64, 1, "/x")]),
+        encryption=dataclasses.replace(envelope, **{field: value}),
+    )
+    with pytest.raises(IntegrityError, match=named):
+        parse(manifest.to_json(), "manifests/x.json")
+
+
+def test_decryptor_rejects_trailing_bytes() -> None:
+    key = DataKey("20261204T000000Z-0000000f", bytes(32), Envelope("s", "k", "YQ=="))
+    data = key.encryptor("a").finish() + b"extra"
+    reader = FrameDecryptor(io.BytesIO(data), key, "a", "sets/x/a")  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError, match="sets/x/a"):
+        reader.read()
