@@ -197,3 +197,31 @@ def test_decryptor_rejects_trailing_bytes() -> None:
     reader = FrameDecryptor(io.BytesIO(data), key, "a", "sets/x/a")  # type: ignore[arg-type]
     with pytest.raises(IntegrityError, match="sets/x/a"):
         reader.read()
+
+
+def test_sse_kms_requested_for_every_object(moto_server: Any, bucket: str, s3: Any, kms_key: str) -> None:
+    settings = S3Settings(
+        bucket=bucket,
+        prefix="test",
+        endpoint_url=moto_server.url,
+        max_attempts=1,
+        kms_key_id=kms_key,
+        part_size=5 * MiB,
+    )
+    repository = Repository(settings)
+    set_id = new_set_id(utc_now())
+    small = put_plain(repository, set_id, "small", b"x" * 100)
+    large = put_plain(repository, set_id, "large", os.urandom(6 * MiB))
+    repository.put_manifest(manifest_for(set_id, [small, large]))
+    keys = [small.key, large.key, repository.manifest_key(set_id), repository.marker_key()]
+    for key in keys:
+        head = s3.head_object(Bucket=bucket, Key=key)
+        assert head["ServerSideEncryption"] == "aws:kms", key
+        assert head["SSEKMSKeyId"].endswith(kms_key), key
+
+
+def put_plain(repository: Repository, set_id: str, name: str, data: bytes) -> Artifact:
+    writer = repository.upload(set_id, name, threading.Event())
+    writer.write(data)
+    size, sha256, raw_size = writer.finish()
+    return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x")

@@ -81,7 +81,9 @@ class Stack:
         unknown = set(parameters) - set(template["Parameters"])
         assert not unknown, f"parameters not declared by the template: {unknown}"
         self.values.update(parameters)
-        self.conditions = {name: self.condition(body) for name, body in template.get("Conditions", {}).items()}
+        self.conditions: dict[str, bool] = {}
+        for name, body in template.get("Conditions", {}).items():  # a condition may name one declared above it
+            self.conditions[name] = self.condition(body)
 
     def condition(self, node: Any) -> bool:
         [(function, arguments)] = node.items()
@@ -265,6 +267,16 @@ def test_policy_with_kms_key(template: dict[str, Any]) -> None:
             assert as_list(statement["Resource"]) == [KMS_KEY]
 
 
+def test_policy_for_client_side_encryption(template: dict[str, Any]) -> None:
+    statements = list(policy_statements(make_stack(template, KmsKeyArn=KMS_KEY, ClientSideEncryption="true")))
+    direct = [s for s in statements if "kms:Decrypt" in as_list(s["Action"]) and "kms:ViaService" not in str(s)]
+    assert len(direct) == 1
+    assert as_list(direct[0]["Resource"]) == [KMS_KEY]
+    assert direct[0]["Condition"] == {"Null": {"kms:EncryptionContext:dtrguard:set": "false"}}
+    # Without a key the parameter grants nothing.
+    assert set(granted(make_stack(template, ClientSideEncryption="true"))) == S3_ACTIONS
+
+
 def test_policy_limits_s3_resources(template: dict[str, Any]) -> None:
     stack = make_stack(template, BucketName="my-dtr", Prefix="dtr/prod")
     actions = granted(stack)
@@ -373,6 +385,13 @@ def test_user_data_writes_valid_config(template: dict[str, Any], tmp_path: Path)
 def test_user_data_sets_kms_key(template: dict[str, Any], tmp_path: Path) -> None:
     _, path = user_data_config(template, tmp_path, KmsKeyArn=KMS_KEY)
     assert config.load(path).s3.kms_key_id == KMS_KEY
+
+
+def test_user_data_sets_envelope_key(template: dict[str, Any], tmp_path: Path) -> None:
+    _, path = user_data_config(template, tmp_path, KmsKeyArn=KMS_KEY, ClientSideEncryption="true")
+    assert config.load(path).s3.envelope_kms_key_id == KMS_KEY
+    _, path = user_data_config(template, tmp_path, KmsKeyArn=KMS_KEY)
+    assert config.load(path).s3.envelope_kms_key_id is None
 
 
 def test_user_data_names_existing_bucket(template: dict[str, Any], tmp_path: Path) -> None:
