@@ -225,3 +225,54 @@ def put_plain(repository: Repository, set_id: str, name: str, data: bytes) -> Ar
     writer.write(data)
     size, sha256, raw_size = writer.finish()
     return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x")
+
+
+def with_kms(node: Any, url: str, key_id: str | None) -> None:
+    """Add client-side encryption keys to a test node's [s3] table."""
+    lines = f'kms_endpoint_url = "{url}"\n' + (f'envelope_kms_key_id = "{key_id}"\n' if key_id else "")
+    text = node.config_path.read_text()
+    assert "max_attempts = 2\n" in text
+    node.config_path.write_text(text.replace("max_attempts = 2\n", "max_attempts = 2\n" + lines, 1))
+
+
+@pytest.mark.docker
+def test_encrypted_set_restores_on_replacement(
+    make_node: Any, moto_server: Any, s3: Any, bucket: str, kms_key: str
+) -> None:
+    from dtrnode import table_contents, tree
+
+    node_a = make_node("i-0aaaaaaaaaaaaaaaa")
+    with_kms(node_a, moto_server.url, kms_key)
+    node_a.install()
+    node_a.seed()
+    result = node_a.command("backup")
+    assert result.returncode == 0, result.stderr
+    set_id = result.stdout.strip()
+    manifest = parse(s3.get_object(Bucket=bucket, Key=f"dtr/test/manifests/{set_id}.json")["Body"].read(), "m")
+    assert manifest.encryption is not None and manifest.encryption.kms_key_id == kms_key
+    for artifact in manifest.artifacts:
+        body = stored(s3, bucket, artifact)
+        assert body.startswith(MAGIC), artifact.name
+        for text in (b"BEGIN CERTIFICATE", b"k-123", b"dtr.example.com", b"dtr_app"):
+            assert text not in body, (artifact.name, text)
+    etc_before, var_before, tables_before = tree(node_a.etc), tree(node_a.var), table_contents()
+    node_a.destroy()
+
+    # Node B's config names no envelope key: the set's manifest says how to decrypt it.
+    node_b = make_node("i-0bbbbbbbbbbbbbbbb")
+    with_kms(node_b, moto_server.url, None)
+    daemon = node_b.start()
+    restored = daemon.wait_for("restore.end")[0]
+    assert daemon.stop() == 0
+    assert restored["set_id"] == set_id
+    assert tree(node_b.etc) == etc_before
+    assert tree(node_b.var) == var_before
+    assert table_contents() == tables_before
+    # The data key itself never appears in what dtrguard printed.
+    kms = boto3.client("kms", endpoint_url=moto_server.url, region_name="us-east-1")
+    assert manifest.encryption is not None
+    plaintext = kms.decrypt(CiphertextBlob=manifest.encryption.blob(), EncryptionContext={"dtrguard:set": set_id})[
+        "Plaintext"
+    ]
+    output = result.stdout + result.stderr + daemon.dump()
+    assert plaintext.hex() not in output and base64.b64encode(plaintext).decode() not in output
