@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from docker.errors import NotFound
 
 from dtr_install import APP_ROLES, PREFIX, install
 from images import APP_VERSION
+from servers import SERVED_SECRETS
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -36,6 +38,8 @@ SECRET = "dtrguard-test-secret-0b6e3c1f9a"
 
 def assert_no_secret(output: str, source: str) -> None:
     assert SECRET not in output, f"{source} printed the AWS secret access key"
+    for served in list(SERVED_SECRETS):  # keys and session tokens a MetadataStub served as role credentials
+        assert served not in output, f"{source} printed a secret key or session token from the metadata service"
 
 
 @dataclass
@@ -52,6 +56,8 @@ class DtrNode:
     node_config: str = ""  # appended inside the [node] table
     imds_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the environment of every dtrguard process
+    s3_config: str = ""  # appended inside the [s3] table; a key set here replaces the harness's value
+    unset_env: tuple[str, ...] = ()  # removed from the environment of every dtrguard process
 
     @property
     def etc(self) -> Path:
@@ -78,6 +84,9 @@ class DtrNode:
         id_file = self.root / "instance-id"
         id_file.write_text(self.instance_id + "\n")
         source = "imds" if self.imds_url else f"file:{id_file}"
+        s3_defaults = {"connect_timeout": '"2s"', "read_timeout": '"20s"', "max_attempts": "2"}
+        s3_keys = tomllib.loads(self.s3_config)
+        s3_lines = "\n".join(f"{k} = {v}" for k, v in s3_defaults.items() if k not in s3_keys)
         install_command = [
             sys.executable, str(TESTS / "dtr_install.py"), "--version", "{version}",
             "--etc", str(self.etc), "--var", str(self.var), "--pg-data", str(self.pg_data),
@@ -88,9 +97,8 @@ class DtrNode:
 bucket = "{self.bucket}"
 prefix = "dtr/test"
 endpoint_url = "{self.s3_url}"
-connect_timeout = "2s"
-read_timeout = "20s"
-max_attempts = 2
+{s3_lines}
+{self.s3_config}
 
 [node]
 instance_id_source = "{source}"
@@ -166,7 +174,7 @@ stop_timeout = "5s"
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=test_env({**self.env, **(env or {})}),
+            env=test_env({**self.env, **(env or {})}, self.unset_env),
             cwd=REPO,
         )
         assert_no_secret(result.stdout + result.stderr, f"dtrguard {' '.join(args)}")
@@ -174,13 +182,14 @@ stop_timeout = "5s"
 
     def start(self) -> Daemon:
         daemon = Daemon(
-            [sys.executable, "-m", "dtrguard", "--config", str(self.config_path), "run"], test_env(self.env)
+            [sys.executable, "-m", "dtrguard", "--config", str(self.config_path), "run"],
+            test_env(self.env, self.unset_env),
         )
         RUNNING.append(daemon)
         return daemon
 
 
-def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def test_env(extra: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         AWS_ACCESS_KEY_ID="testing",
@@ -192,6 +201,8 @@ def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.pop("NOTIFY_SOCKET", None)
     env.pop("JOURNAL_STREAM", None)
     env.update(extra or {})
+    for name in unset:
+        env.pop(name, None)
     return env
 
 
