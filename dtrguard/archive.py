@@ -1,12 +1,30 @@
-"""Directory to tar stream and back, keeping numeric owners, modes, symlinks and mtimes.
+"""Directory to tar stream and back, keeping numeric owners, modes, symlinks, mtimes and user xattrs.
 
 Extraction trusts nothing in the archive. Absolute names, `..`, device files, repeated names and
 links that resolve outside the target raise UnsafeArchive. Members are written only into a
 staging directory, which replaces the live contents once the whole archive was read and checked.
+
+Extended attributes of files and directories are kept in the `user.` namespace only. Each is
+stored as a PAX record `SCHILY.xattr.<name>` with the value's raw bytes, the form GNU tar reads
+and writes with --xattrs. The other namespaces are left out on purpose:
+
+- `security.` contains SELinux labels, IMA hashes and file capabilities. They belong to the
+  host's policy, and an archive that could set them could grant privileges.
+- `trusted.` contains metadata of kernel users such as overlayfs, which means nothing outside
+  the mount it was made for.
+- `system.` contains ACLs, which are not archived.
+
+A restore sets only `user.` records, whatever the archive contains.
+
+Trouble with single files never logs one event per file. A backup names the files that changed
+while they were read in one `archive.changed` warning. A restore names the entries whose owner,
+mode, mtime or xattrs the target file system rejected in one warning per kind. Each of these
+events has the count and at most EXAMPLES paths.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -27,6 +45,11 @@ _log = log.get("archive")
 # from 3.14 on the default filter would drop setgid bits and owners.
 _TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
 WORK_DIR = ".dtrguard-restore"
+XATTR_RECORD = "SCHILY.xattr."
+KEPT_XATTRS = ("user.",)  # see the module docstring for why only these
+EXAMPLES = 20  # paths named in one summary event
+# Both names exist in errno, and Linux gives them the same number.
+_UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 class Writable(Protocol):
@@ -37,11 +60,22 @@ class Writable(Protocol):
 
 @dataclass
 class ArchiveStats:
-    """Counts of the files and bytes written to or read from one archive, and the paths skipped."""
+    """Counts of the files and bytes written to or read from one archive, and the paths to report.
+
+    Writing fills four lists. skipped: entries that vanished, sockets, and paths that stopped
+    being a regular file. shrank: padded with zeros to the size recorded in the archive. grew:
+    cut at that size. modified: the same size, but written while it was read. Extracting fills
+    attributes_failed and xattrs_failed with (path, reason) pairs.
+    """
 
     files: int = 0
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)
+    shrank: list[str] = field(default_factory=list)
+    grew: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    attributes_failed: list[tuple[str, str]] = field(default_factory=list)
+    xattrs_failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Excluder:
@@ -65,7 +99,7 @@ def walk(root: Path, excluded: Excluder) -> Iterator[tuple[str, Path]]:
         directory, prefix = stack.pop()
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # removed, or replaced by a file, since it was listed
             continue
         for entry in entries:
             relative = f"{prefix}{entry.name}"
@@ -77,40 +111,164 @@ def walk(root: Path, excluded: Excluder) -> Iterator[tuple[str, Path]]:
 
 
 def write_archive(root: Path, excludes: Sequence[str], out: Writable) -> ArchiveStats:
-    """Write root as a PAX tar stream to out. Files that vanish while being read are skipped."""
+    """Write root as a PAX tar stream to out; the archive stays readable however the tree changes meanwhile.
+
+    An entry that vanishes before it is read is skipped and returned in stats.skipped, for the
+    caller to log. A regular file is archived with the size it has when it is opened. A file that
+    ends sooner is padded with zeros to that size, and a file that grew is cut at it. Those files,
+    and files written to while they were read, are named in one `archive.changed` warning.
+    """
     if not root.is_dir():
         raise DtrguardError(
             f"directory {root} not found",
             hint="create it, or remove it from [[directories]] in the config",
         )
     stats = ArchiveStats()
-    with tarfile.open(fileobj=cast(IO[bytes], out), mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=cast(IO[bytes], out), mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
         for relative, path in walk(root, Excluder(excludes)):
             _add(tar, relative, path, stats)
+    changed = len(stats.shrank) + len(stats.grew) + len(stats.modified)
+    if changed:
+        _log.warning(
+            "archive.changed",
+            directory=str(root),
+            count=changed,
+            counts={"shrank": len(stats.shrank), "grew": len(stats.grew), "modified": len(stats.modified)},
+            shrank=stats.shrank[:EXAMPLES],
+            grew=stats.grew[:EXAMPLES],
+            modified=stats.modified[:EXAMPLES],
+            detail="these files changed while they were archived: files that shrank are padded with zeros"
+            " to the size they had when opened, files that grew are cut at it",
+        )
     return stats
 
 
 def _add(tar: tarfile.TarFile, relative: str, path: Path, stats: ArchiveStats) -> None:
     try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            _add_file(tar, relative, path, stats)
+            return
         info = tar.gettarinfo(str(path), arcname=relative)
-    except FileNotFoundError:
+    except OSError as exc:
+        if not _replaced(exc):
+            raise
         stats.skipped.append(relative)
         return
-    if info is None:  # a socket: nothing to archive
+    # None is a socket, which has nothing to archive. A regular file here replaced another entry after
+    # the lstat above. It is skipped because a header without its data would make the archive unreadable.
+    if info is None or info.isreg():
         stats.skipped.append(relative)
         return
     info.uname = info.gname = ""  # numeric owners only: names differ between nodes
-    if not info.isreg():
-        tar.addfile(info)
-        return
-    try:
-        with open(path, "rb") as handle:
-            tar.addfile(info, handle)
-    except FileNotFoundError:
-        stats.skipped.append(relative)
-        return
+    if info.isdir():
+        info.pax_headers = {**info.pax_headers, **_xattr_records(path)}
+    tar.addfile(info)
+
+
+def _add_file(tar: tarfile.TarFile, relative: str, path: Path, stats: ArchiveStats) -> None:
+    """Archive a regular file as it is once open: its header comes from the open file, then its data.
+
+    The open does not follow a symlink or block on a FIFO, in case the path was replaced since it
+    was listed. Hard links are recorded by the inode that was opened, so a link always names data
+    that is in the archive.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as handle:
+        info = tar.gettarinfo(arcname=relative, fileobj=handle)
+        if info is None or not (info.isreg() or info.islnk()):
+            stats.skipped.append(relative)
+            return
+        info.uname = info.gname = ""
+        if info.islnk():  # another name of a file already in the archive
+            tar.addfile(info)
+            return
+        before = os.fstat(descriptor)
+        info.pax_headers = {**info.pax_headers, **_xattr_records(descriptor)}
+        reader = _Padded(handle, info.size)
+        tar.addfile(info, reader)
+        if reader.padded:
+            stats.shrank.append(relative)
+        elif handle.read(1):
+            stats.grew.append(relative)
+        else:
+            after = os.fstat(descriptor)
+            if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, before.st_size):
+                stats.modified.append(relative)
     stats.files += 1
     stats.bytes += info.size
+
+
+def _replaced(exc: OSError) -> bool:
+    """Report whether an error means the path was removed or replaced since its directory was listed.
+
+    ELOOP means a file became a symlink before the open, which does not follow one. EINVAL means
+    a symlink stopped being one before readlink.
+    """
+    return isinstance(exc, FileNotFoundError | NotADirectoryError) or exc.errno in (errno.ELOOP, errno.EINVAL)
+
+
+class _Padded:
+    """A reader of exactly size bytes of a file, with zeros in place of what a file that shrank no longer has."""
+
+    def __init__(self, handle: IO[bytes], size: int):
+        self.handle = handle
+        self.remaining = size
+        self.padded = 0
+
+    def read(self, count: int = -1, /) -> bytes:
+        count = self.remaining if count < 0 else min(count, self.remaining)
+        self.remaining -= count
+        data = b"" if self.padded else self.handle.read(count)
+        if len(data) < count:  # a buffered read returns less only at the end of the file
+            self.padded += count - len(data)
+            data += bytes(count - len(data))
+        return data
+
+
+def _xattr_records(target: Path | int) -> dict[str, str]:
+    """Return the kept extended attributes of a directory path or an open file, as PAX records.
+
+    A value's bytes are stored as they are: bytes that are not UTF-8 make tarfile mark the header
+    hdrcharset=BINARY and write them back unchanged (surrogateescape).
+    """
+    nofollow = {"follow_symlinks": False} if isinstance(target, Path) else {}  # an fd takes no follow_symlinks
+    try:
+        names = os.listxattr(target, **nofollow)
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED or isinstance(exc, FileNotFoundError):
+            return {}
+        raise
+    records = {}
+    for name in sorted(names):
+        # NOTE: a name with "=" or bytes that are not UTF-8 cannot be a PAX keyword, so it is not archived.
+        if not name.startswith(KEPT_XATTRS) or "=" in name or not _is_utf8(name):
+            continue
+        try:
+            value = os.getxattr(target, name, **nofollow)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA or isinstance(exc, FileNotFoundError):  # removed since it was listed
+                continue
+            raise
+        records[XATTR_RECORD + name] = value.decode("utf-8", "surrogateescape")
+    return records
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def xattrs_of(member: tarfile.TarInfo) -> dict[str, bytes]:
+    """Return the extended attributes an archive member carries in the kept namespaces."""
+    result = {}
+    for key, value in member.pax_headers.items():
+        name = key[len(XATTR_RECORD) :]
+        if key.startswith(XATTR_RECORD) and name.startswith(KEPT_XATTRS):
+            result[name] = value.encode("utf-8", "surrogateescape")
+    return result
 
 
 def excluded_paths(root: Path, excludes: Sequence[str]) -> list[str]:
@@ -243,13 +401,16 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
 
     Links are checked against target, where the files will finally live. Returns the stats and
     the archive's root entry ("."), whose owner, mode and mtime belong to target itself.
+
+    Owners, modes, mtimes and kept xattrs that the file system rejects do not stop the extraction.
+    Each kind is logged once, as a warning with the count and at most EXAMPLES paths.
     """
     stats = ArchiveStats()
     links: set[str] = set()
     seen: set[str] = set()
     directories: list[tarfile.TarInfo] = []
     root_info = None
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
+    with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8") as tar:
         for member in tar:
             relative = _check_member(member, target, links)
             # A second member of the same name could replace a checked symlink or write through it.
@@ -273,7 +434,9 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
                 raise UnsafeArchive(f"archive member {member.name!r} would replace a directory of the same name")
             if member.islnk():
                 _check_hardlink(member, staging)
-            tar.extract(member, staging, set_attrs=True, numeric_owner=True, **_TRUSTED)
+            tar.extract(member, staging, set_attrs=False, numeric_owner=True, **_TRUSTED)
+            if not member.islnk():  # a hard link shares its source's inode, whose attributes are set
+                set_attributes(destination, relative, member, stats)
             stats.files += 1
             stats.bytes += member.size if member.isreg() else 0
     # Checked once the tree is complete, because a later member can change where an earlier symlink leads.
@@ -285,15 +448,51 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
                 hint="the archive is not from dtrguard",
             )
     for member in reversed(directories):
-        apply_attributes(staging / member.name, member)
+        set_attributes(staging / member.name, member.name, member, stats)
+    _warn_not_restored("archive.attributes_not_restored", target, stats.attributes_failed)
+    _warn_not_restored("archive.xattrs_not_restored", target, stats.xattrs_failed)
     return stats, root_info
 
 
-def apply_attributes(path: Path, member: tarfile.TarInfo) -> None:
-    """Set owner, then mode (setgid included, which chown would clear), then mtime."""
-    os.lchown(path, member.uid, member.gid)
-    os.chmod(path, stat.S_IMODE(member.mode))
-    os.utime(path, (member.mtime, member.mtime))
+def set_attributes(path: Path, relative: str, member: tarfile.TarInfo, stats: ArchiveStats) -> None:
+    """Set owner, then mode (setgid included, which chown would clear), then kept xattrs, then mtime.
+
+    Each rejection is added to stats, once per path and kind, and the next attribute is still set.
+    A symlink gets only its owner and mtime, because Linux gives symlinks no mode and no user xattrs.
+    """
+    failures = []
+    try:
+        os.lchown(path, member.uid, member.gid)
+    except OSError as exc:
+        failures.append(f"owner: {exc.strerror}")
+    if not member.issym():
+        try:
+            os.chmod(path, stat.S_IMODE(member.mode))
+        except OSError as exc:
+            failures.append(f"mode: {exc.strerror}")
+        for name, value in xattrs_of(member).items():
+            try:
+                os.setxattr(path, name, value)
+            except OSError as exc:
+                stats.xattrs_failed.append((relative, str(exc.strerror)))
+                break
+    try:
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+    except OSError as exc:
+        failures.append(f"mtime: {exc.strerror}")
+    if failures:
+        stats.attributes_failed.append((relative, ", ".join(failures)))
+
+
+def _warn_not_restored(event: str, directory: Path, failures: Sequence[tuple[str, str]]) -> None:
+    if failures:
+        _log.warning(
+            event,
+            directory=str(directory),
+            count=len(failures),
+            paths=[path for path, _ in failures[:EXAMPLES]],
+            errors=sorted({reason for _, reason in failures}),
+        )
 
 
 class SwapJournal:
@@ -324,7 +523,7 @@ class SwapJournal:
             ) from None
         return data if isinstance(data, dict) else None
 
-    def write(self, set_id: str, phase: str, root: dict[str, float] | None = None) -> None:
+    def write(self, set_id: str, phase: str, root: dict[str, Any] | None = None) -> None:
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps({"set_id": set_id, "phase": phase, "root": root}))
         os.replace(temporary, self.path)
@@ -345,7 +544,7 @@ class SwapJournal:
         if journal is None or journal.get("phase") == "extracting":
             shutil.rmtree(self.work, ignore_errors=True)
 
-    def swap(self, set_id: str, root: dict[str, float] | None, keep: Sequence[str]) -> None:
+    def swap(self, set_id: str, root: dict[str, Any] | None, keep: Sequence[str]) -> None:
         """Replace the live contents with staging, carrying the paths in keep across unchanged."""
         journal = self.read() or {}
         phase = journal.get("phase", "carrying")
@@ -379,10 +578,22 @@ class SwapJournal:
         if root:
             os.lchown(self.target, int(root["uid"]), int(root["gid"]))
             os.chmod(self.target, int(root["mode"]))
+            self._set_root_xattrs(root.get("xattrs") or {})
         self._clean_up()
         if root:  # set last, because removing the work dir changes the target's mtime
             os.utime(self.target, (root["mtime"], root["mtime"]))
         _fsync_directory(self.target)
+
+    def _set_root_xattrs(self, xattrs: dict[str, str]) -> None:
+        """Set the kept xattrs that the archive gives the target directory itself, logging a rejection."""
+        for name, value in xattrs.items():
+            if not name.startswith(KEPT_XATTRS):
+                continue
+            try:
+                os.setxattr(self.target, name, bytes.fromhex(value))
+            except OSError as exc:
+                _warn_not_restored("archive.xattrs_not_restored", self.target, [(".", str(exc.strerror))])
+                return
 
     def _clean_up(self) -> None:
         """Remove the work dir, the journal last, so a crash part-way leaves a journal that finishes the swap."""
@@ -414,14 +625,20 @@ class SwapJournal:
         os.rename(source, destination)
 
 
-def root_attributes(member: tarfile.TarInfo | None) -> dict[str, float] | None:
-    """Return the owner, mode and mtime that the archive's root entry gives the target directory.
+def root_attributes(member: tarfile.TarInfo | None) -> dict[str, Any] | None:
+    """Return the owner, mode, mtime and kept xattrs that the archive's root entry gives the target directory.
 
     The mtime stays a float, as tarfile gives it to every other entry, so sub-second parts survive.
+    Xattr values are hex, because the result is stored in the JSON journal.
     """
     if member is None:
         return None
-    return {"uid": member.uid, "gid": member.gid, "mode": stat.S_IMODE(member.mode), "mtime": member.mtime}
+    root: dict[str, Any] = {"uid": member.uid, "gid": member.gid, "mode": stat.S_IMODE(member.mode)}
+    root["mtime"] = member.mtime
+    xattrs = xattrs_of(member)
+    if xattrs:
+        root["xattrs"] = {name: value.hex() for name, value in xattrs.items()}
+    return root
 
 
 def _fsync_directory(path: Path) -> None:

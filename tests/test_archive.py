@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from dtrguard import archive
 from dtrguard.archive import (
@@ -207,20 +211,373 @@ def test_archive_records_numeric_owners(tmp_path: Path) -> None:
 
 
 def test_archive_skips_vanished_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    source = tmp_path / "source"
+    source, target = tmp_path / "source", tmp_path / "target"
     build_source(source)
-    real_gettarinfo = tarfile.TarFile.gettarinfo
+    expected = expected_tree(source)
+    real_walk = archive.walk
 
-    def vanishing(self: tarfile.TarFile, name: str, arcname: str | None = None, fileobj: Any = None) -> Any:
-        if arcname == "secret.key":
-            raise FileNotFoundError(name)
-        return real_gettarinfo(self, name, arcname, fileobj)
+    def listed_then_removed(root: Path, excluded: Any) -> Iterator[tuple[str, Path]]:
+        for relative, path in real_walk(root, excluded):
+            if relative in ("secret.key", "conf/current.yml"):  # a file and a symlink, removed once listed
+                path.unlink()
+            yield relative, path
 
-    monkeypatch.setattr(tarfile.TarFile, "gettarinfo", vanishing)
+    monkeypatch.setattr(archive, "walk", listed_then_removed)
 
-    stats = write_archive(source, EXCLUDES, io.BytesIO())
+    stats = write_archive(source, EXCLUDES, buffer := io.BytesIO())
+    restore(buffer.getvalue(), target, EXCLUDES)
+
+    assert sorted(stats.skipped) == ["conf/current.yml", "secret.key"]
+    del expected["secret.key"], expected["conf/current.yml"]
+    assert tree(target) == expected
+
+
+# Files that change while they are archived. Each change runs on the real file when the archiver
+# first reads it, after it wrote the file's header, as a writer running beside the backup would.
+Change = Callable[[Path], None]
+
+
+class ChangedOnFirstRead:
+    """An open file that runs change on its path just before the first read."""
+
+    def __init__(self, handle: Any, change: Callable[[], None]):
+        self.handle = handle
+        self.change: Callable[[], None] | None = change
+        self.name = handle.name
+
+    def fileno(self) -> int:
+        return int(self.handle.fileno())
+
+    def read(self, size: int = -1) -> bytes:
+        if self.change is not None:
+            self.change()
+            self.change = None
+        return bytes(self.handle.read(size))
+
+    def __enter__(self) -> ChangedOnFirstRead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+
+def archive_while(source: Path, changes: dict[str, Change], monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """Archive source with EXCLUDES, applying changes[name] to the file called name while it is read."""
+    real_open, real_fdopen = os.open, os.fdopen
+    opened: dict[int, Path] = {}
+
+    def recording_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        descriptor = real_open(path, flags, *args, **kwargs)
+        if isinstance(path, str | Path):
+            opened[descriptor] = Path(path)
+        return descriptor
+
+    def changing_fdopen(descriptor: int, *args: Any, **kwargs: Any) -> Any:
+        handle = real_fdopen(descriptor, *args, **kwargs)
+        path = opened.pop(descriptor, None)
+        change = changes.get(path.name) if path is not None else None
+        if path is None or change is None:
+            return handle
+        return ChangedOnFirstRead(handle, lambda: change(path))
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "fdopen", changing_fdopen)
+    try:
+        return archive_bytes(source, EXCLUDES)
+    finally:
+        monkeypatch.setattr(os, "open", real_open)
+        monkeypatch.setattr(os, "fdopen", real_fdopen)
+
+
+def truncate_to(size: int) -> Change:
+    return lambda path: os.truncate(path, size)
+
+
+def append(data: bytes) -> Change:
+    def change(path: Path) -> None:
+        with open(path, "ab") as handle:
+            handle.write(data)
+
+    return change
+
+
+def rewrite(path: Path) -> None:
+    """Write other bytes of the same length, with a new mtime."""
+    data = path.read_bytes()
+    path.write_bytes(bytes(b ^ 0xFF for b in data))
+    os.utime(path, ns=(MTIME_NS + SECOND_NS, MTIME_NS + SECOND_NS))
+
+
+def changed_events(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [event for event in logs if event["event"] == "archive.changed"]
+
+
+def test_file_that_shrank_is_padded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+    blob = (source / "data" / "blob").read_bytes()
+    expected = expected_tree(source)
+
+    with capture_logs() as logs:
+        data = archive_while(source, {"blob": truncate_to(1000)}, monkeypatch)
+    restore(data, target, EXCLUDES)
+
+    restored = target / "data" / "blob"
+    assert restored.read_bytes() == blob[:1000] + bytes(len(blob) - 1000)
+    assert restored.stat().st_ino == (target / "data" / "blob-link").stat().st_ino
+    assert restored.stat().st_mtime_ns == MTIME_NS  # as the file was when opened
+    got = tree(target)
+    assert {k: v for k, v in got.items() if not k.startswith("data/blob")} == {
+        k: v for k, v in expected.items() if not k.startswith("data/blob")
+    }
+    [event] = changed_events(logs)
+    assert event["log_level"] == "warning"
+    assert (event["count"], event["shrank"], event["grew"], event["modified"]) == (1, ["data/blob"], [], [])
+
+
+def test_file_that_grew_is_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+    expected = expected_tree(source)
+
+    with capture_logs() as logs:
+        data = archive_while(source, {"secret.key": append(b"appended while archived" * 1000)}, monkeypatch)
+    restore(data, target, EXCLUDES)
+
+    assert tree(target) == expected  # content, size and mtime as when the file was opened
+    [event] = changed_events(logs)
+    assert (event["count"], event["shrank"], event["grew"], event["modified"]) == (1, [], ["secret.key"], [])
+
+
+def test_file_rewritten_while_read_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+
+    with capture_logs() as logs:
+        data = archive_while(source, {"settings.yml": rewrite}, monkeypatch)
+    restore(data, target, EXCLUDES)
+
+    assert (target / "conf" / "settings.yml").stat().st_size == (source / "conf" / "settings.yml").stat().st_size
+    [event] = changed_events(logs)
+    assert (event["count"], event["modified"]) == (1, ["conf/settings.yml"])
+
+
+def test_many_changed_files_named_in_one_event(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.mkdir()
+    for index in range(60):
+        (source / f"shrinks-{index:02}").write_bytes(os.urandom(3000))
+        (source / f"grows-{index:02}").write_bytes(b"g" * 100)
+    changes = {f"shrinks-{index:02}": truncate_to(0) for index in range(60)}
+    changes |= {f"grows-{index:02}": append(b"more") for index in range(60)}
+
+    with capture_logs() as logs:
+        data = archive_while(source, changes, monkeypatch)
+    restore(data, target, [])
+
+    [event] = changed_events(logs)
+    assert event["count"] == 120
+    assert event["counts"] == {"shrank": 60, "grew": 60, "modified": 0}
+    assert len(event["shrank"]) == len(event["grew"]) == archive.EXAMPLES
+    assert set(event["shrank"]) <= set(changes)
+    assert (target / "shrinks-00").read_bytes() == bytes(3000)
+    assert (target / "grows-59").read_bytes() == b"g" * 100
+    assert len(logs) == 1
+
+
+def test_file_replaced_by_symlink_not_followed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("must not be archived")
+    real_open = os.open
+
+    def replace_then_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if isinstance(path, Path) and path.name == "secret.key":  # replaced between listing and reading
+            path.unlink()
+            path.symlink_to(outside)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", replace_then_open)
+    stats = write_archive(source, EXCLUDES, buffer := io.BytesIO())
+    monkeypatch.setattr(os, "open", real_open)
+    restore(buffer.getvalue(), target, EXCLUDES)
 
     assert stats.skipped == ["secret.key"]
+    assert not (target / "secret.key").exists()
+    assert b"must not be archived" not in buffer.getvalue()
+
+
+# Extended attributes
+
+BINARY_VALUE = b"\x00\xffnot utf-8\n=\x00"
+
+
+def set_xattrs(source: Path) -> None:
+    """Give build_source's tree user xattrs on a file, a directory and the root, and a trusted one on a file."""
+    os.setxattr(source / "conf" / "settings.yml", "user.checksum", b"sha256:abc")
+    os.setxattr(source / "conf" / "settings.yml", "user.binary", BINARY_VALUE)
+    os.setxattr(source / "conf", "user.role", b"conf directory")
+    os.setxattr(source, "user.root", b"r\xc3\xa9pertoire")
+    os.setxattr(source / "secret.key", "trusted.origin", b"host-bound")
+
+
+def xattrs(path: Path) -> dict[str, bytes]:
+    return {name: os.getxattr(path, name, follow_symlinks=False) for name in os.listxattr(path, follow_symlinks=False)}
+
+
+def test_xattrs_round_trip(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+    set_xattrs(source)
+    os.utime(source / "conf" / "current.yml", ns=(MTIME_NS, MTIME_NS), follow_symlinks=False)
+    set_mtimes(source)
+    build_old_target(target)
+
+    with capture_logs() as logs:
+        restore(archive_bytes(source, EXCLUDES), target, EXCLUDES)
+
+    assert xattrs(target / "conf" / "settings.yml") == {"user.checksum": b"sha256:abc", "user.binary": BINARY_VALUE}
+    assert xattrs(target / "conf") == {"user.role": b"conf directory"}
+    assert xattrs(target) == {"user.root": b"r\xc3\xa9pertoire"}
+    assert xattrs(target / "secret.key") == {}  # trusted.* is not archived
+    assert (target / "conf" / "current.yml").lstat().st_mtime_ns == MTIME_NS
+    assert tree(target) == expected_tree(source)
+    assert logs == []
+
+
+def test_xattrs_stored_as_gnu_tar_does(tmp_path: Path) -> None:
+    gnu_tar = shutil.which("tar")
+    if gnu_tar is None:
+        pytest.skip("GNU tar is not installed")
+    source, by_gnu, gnu_source, target = (tmp_path / name for name in ("source", "by-gnu", "gnu-source", "target"))
+    build_source(source)
+    set_xattrs(source)
+    (tmp_path / "a.tar").write_bytes(archive_bytes(source, EXCLUDES))
+    by_gnu.mkdir()
+
+    # GNU tar reads dtrguard's records...
+    extract = [gnu_tar, "--xattrs", "--xattrs-include=user.*", "-xpf", str(tmp_path / "a.tar"), "-C", str(by_gnu)]
+    subprocess.run(extract, check=True, capture_output=True)
+    assert xattrs(by_gnu / "conf" / "settings.yml") == {"user.checksum": b"sha256:abc", "user.binary": BINARY_VALUE}
+    # ...and dtrguard reads GNU tar's.
+    gnu_source.mkdir()
+    (gnu_source / "file").write_text("from GNU tar")
+    os.setxattr(gnu_source / "file", "user.binary", BINARY_VALUE)
+    create = [gnu_tar, "--xattrs", "--format=posix", "-cf", str(tmp_path / "b.tar"), "-C", str(gnu_source), "."]
+    subprocess.run(create, check=True, capture_output=True)
+    restore((tmp_path / "b.tar").read_bytes(), target, [])
+    assert xattrs(target / "file") == {"user.binary": BINARY_VALUE}
+
+
+def test_restore_sets_only_user_xattrs(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    info, data = regular("capable")
+    info.pax_headers = {
+        "SCHILY.xattr.user.kept": "yes",
+        "SCHILY.xattr.trusted.overlay.opaque": "y",
+        "SCHILY.xattr.security.capability": "\x01\x00\x00\x02",
+    }
+
+    restore(tar_of([(info, data)]), target, [])
+
+    assert xattrs(target / "capable") == {"user.kept": b"yes"}
+
+
+@pytest.fixture
+def no_xattrs_fs(tmp_path: Path) -> Iterator[Path]:
+    """A ramfs mounted for the test: a real file system that rejects every user xattr with EOPNOTSUPP."""
+    mount_point = tmp_path / "ramfs"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount_point)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a ramfs here: {result.stderr.strip()}")
+    try:
+        probe = mount_point / "probe"
+        probe.touch()
+        with pytest.raises(OSError) as rejected:
+            os.setxattr(probe, "user.probe", b"1")
+        assert rejected.value.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+        probe.unlink()
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_xattrs_rejected_logged_once(tmp_path: Path, no_xattrs_fs: Path) -> None:
+    source, target = tmp_path / "source", no_xattrs_fs / "target"
+    build_source(source)
+    set_xattrs(source)
+    many = source / "many"
+    many.mkdir()
+    for index in range(300):
+        (many / f"f{index:04}").write_bytes(b"x")
+        os.setxattr(many / f"f{index:04}", "user.index", str(index).encode())
+    set_mtimes(source)
+
+    with capture_logs() as logs:
+        restore(archive_bytes(source, EXCLUDES), target, EXCLUDES)
+
+    warnings = [event for event in logs if event["event"] == "archive.xattrs_not_restored"]
+    # Two events: one for the entries of the archive, one for the target directory itself.
+    assert [event["count"] for event in warnings] == [302, 1]
+    assert all(event["log_level"] == "warning" for event in warnings)
+    assert len(warnings[0]["paths"]) == archive.EXAMPLES
+    assert warnings[0]["errors"] == [os.strerror(errno.EOPNOTSUPP)]
+    assert warnings[1]["paths"] == ["."]
+    assert len(logs) == 2
+    assert tree(target) == expected_tree(source)  # owners, modes, links and mtimes are all there
+
+
+def test_archive_of_tree_without_xattr_support(tmp_path: Path, no_xattrs_fs: Path) -> None:
+    source, target = no_xattrs_fs / "source", tmp_path / "target"
+    build_source(source)
+
+    restore(archive_bytes(source, EXCLUDES), target, EXCLUDES)
+
+    assert tree(target) == expected_tree(source)
+
+
+EXTRACT_WITHOUT_CHOWN = """
+import io, json, sys
+from pathlib import Path
+import structlog
+from dtrguard import archive, log
+log.configure(stream=sys.stdout)
+target = Path(sys.argv[2])
+journal = archive.SwapJournal(target)
+journal.begin("set-1")
+_, root = archive.extract_archive(io.BytesIO(Path(sys.argv[1]).read_bytes()), journal.staging, target)
+journal.swap("set-1", archive.root_attributes(root), [])
+"""
+
+
+def test_owner_rejection_logged_once(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+    for index in range(40):
+        (source / "conf" / f"extra-{index}").write_text("owned by 1000")
+        os.chown(source / "conf" / f"extra-{index}", 1000, 1000)
+    set_mtimes(source)
+    (tmp_path / "a.tar").write_bytes(archive_bytes(source, EXCLUDES))
+
+    # dtrguard as root but without CAP_CHOWN: every chown to another owner fails with EPERM.
+    result = subprocess.run(
+        ["setpriv", "--bounding-set", "-chown", "--", sys.executable, "-c", EXTRACT_WITHOUT_CHOWN,
+         str(tmp_path / "a.tar"), str(target)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=60,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    events = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(events) == 1, result.stdout
+    assert '"event": "archive.attributes_not_restored"' in events[0]
+    # conf, and the 42 entries in it: group 1000, which the setgid dir gives even the symlink root made there.
+    assert '"count": 43' in events[0]
+    assert '"errors": ["owner: Operation not permitted"]' in events[0]
+    settings = (target / "conf" / "settings.yml").lstat()
+    assert (settings.st_uid, stat.S_IMODE(settings.st_mode)) == (0, 0o640)  # the mode is still set
+    assert (target / "conf").stat().st_mtime_ns == MTIME_NS
 
 
 def test_archive_missing_root_raises(tmp_path: Path) -> None:
