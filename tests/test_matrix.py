@@ -121,18 +121,25 @@ def kill_when(daemon: Daemon, condition: Callable[[], bool], what: str, period: 
 
 # 5. SIGKILL during a restore
 
-TOP_LEVEL_FILES = 6000  # entries the swap renames one by one, so the swap lasts long enough to be hit
-BULK_TAGS = 300_000  # rows that keep pg_restore of the dtr database running long enough to be hit
+TOP_LEVEL_FILES = 6000  # entries extracted and renamed one by one, so staging and the swap last long enough to hit
+BULK_TAGS = 300_000  # rows that keep pg_restore of the dtr database running long enough to hit
+# Per moment of the kill: (top-level files on node A, rows added on node A, stale top-level files on node B).
+# Each moment gets only the bulk that widens its own window.
+BULK = {
+    "database": (0, BULK_TAGS, 100),
+    "staging": (TOP_LEVEL_FILES, 0, 100),
+    "swap": (TOP_LEVEL_FILES, 0, TOP_LEVEL_FILES),
+}
 
 
-def add_bulk(node: DtrNode) -> None:
-    """Add many top-level files to /var/local/dtr and many rows to the dtr database."""
-    for index in range(TOP_LEVEL_FILES):
+def add_bulk(node: DtrNode, files: int, rows: int) -> None:
+    """Add top-level files to /var/local/dtr and rows to the dtr database."""
+    for index in range(files):
         (node.var / f"upload-{index:05}").write_bytes(os.urandom(256))
     sql(
         None,
         "insert into tags (name, manifest) select 'bulk-' || g, to_jsonb(md5(g::text))"
-        f" from generate_series(1, {BULK_TAGS}) g",
+        f" from generate_series(1, {rows}) g",
         database="dtr",
     )
 
@@ -154,14 +161,15 @@ def dtr_tables() -> str:
 
 @pytest.mark.parametrize("moment", ["database", "staging", "swap"])
 def test_kill_during_restore_resumes(make_node: Any, moment: str) -> None:
+    files, rows, stale_files = BULK[moment]
     node_a = node_with_data(make_node)
-    add_bulk(node_a)
+    add_bulk(node_a, files, rows)
     set_id = backup_once(node_a)
     etc_source, var_source, tables_source = tree(node_a.etc), tree(node_a.var), table_contents()
     node_a.destroy()
 
     node_b: DtrNode = make_node(NODE_B, interval="1h")
-    write_stale_var(node_b.var)
+    write_stale_var(node_b.var, stale_files)
     var_stale = tree(node_b.var)
     daemon = node_b.start()
     if moment == "database":
@@ -183,7 +191,7 @@ def test_kill_during_restore_resumes(make_node: Any, moment: str) -> None:
             if journal_phase(node_b.var) != "extracting":
                 return False
             try:
-                return len(os.listdir(node_b.var / WORK_DIR / "new")) > TOP_LEVEL_FILES // 4
+                return len(os.listdir(node_b.var / WORK_DIR / "new")) > files // 4
             except FileNotFoundError:  # the extraction ended and the work dir was removed
                 return False
 
