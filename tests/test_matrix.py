@@ -119,7 +119,7 @@ def kill_when(daemon: Daemon, condition: Callable[[], bool], what: str, period: 
     assert daemon.process.returncode == -signal.SIGKILL
 
 
-# 5. SIGKILL during a restore
+# SIGKILL during a restore
 
 TOP_LEVEL_FILES = 6000  # entries extracted and renamed one by one, so staging and the swap last long enough to hit
 BULK_TAGS = 300_000  # rows that keep pg_restore of the dtr database running long enough to hit
@@ -178,7 +178,7 @@ def test_kill_during_restore_resumes(make_node: Any, moment: str) -> None:
             return any("pg_restore" in line and "-d dtr" in line for line in running_commands(POSTGRES))
 
         kill_when(daemon, restoring_dtr, "pg_restore of the dtr database", period=0.02)
-        # The exec's stdin closes with the killed daemon, so pg_restore reads a truncated dump and rolls back.
+        # pg_restore's input closes with the killed daemon, so it reads a truncated dump and rolls back.
         deadline = time.monotonic() + 60
         while any("pg_restore" in line for line in running_commands(POSTGRES)):
             assert time.monotonic() < deadline, "pg_restore still runs 60 s after dtrguard was killed"
@@ -225,7 +225,7 @@ def test_kill_during_restore_resumes(make_node: Any, moment: str) -> None:
     assert status["restoring_set"] is None
 
 
-# 6. The restore target fills up
+# The restore target fills up
 
 TMPFS_HEADROOM = 24 * 1024 * 1024  # free bytes left on the small file system after node B's own contents
 LARGE_LAYER = 48 * 1024 * 1024  # random bytes, so the var archive's raw size is larger than that headroom
@@ -244,7 +244,7 @@ def small_filesystem(path: Path) -> Iterator[None]:
 
 
 def shrink_to_headroom(path: Path) -> None:
-    """Resize the tmpfs at path to what it holds now plus TMPFS_HEADROOM."""
+    """Resize the tmpfs at path to the bytes it contains now plus TMPFS_HEADROOM."""
     stats = os.statvfs(path)
     used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
     size = used + TMPFS_HEADROOM
@@ -312,7 +312,7 @@ def test_full_disk_keeps_old_contents(make_node: Any, s3: Any, bucket: str) -> N
         expect(bool(errors[0].get("hint")), f"the error gives no fix: {text}")
 
 
-# 9. Objects owned by a role that a fresh server lacks
+# Objects owned by a role that a fresh server lacks
 
 ROLE_OBJECTS = [
     "create role registry_owner nologin createdb",
@@ -392,7 +392,7 @@ def test_missing_role_restored_first(make_node: Any) -> None:
     assert table_contents() == tables_source
 
 
-# 12. The database suddenly empty
+# The database suddenly empty
 
 AGGRESSIVE_RETENTION = """
 [retention]
