@@ -2,21 +2,24 @@
 
 Dumps use pg_dump's custom format without its own compression (zstd compresses the stream);
 restores run pg_restore with --clean --if-exists --single-transaction, so a restore is all or
-nothing and running it again gives the same rows, not duplicates.
+nothing and running it again gives the same rows, not duplicates. A dump or a database restore
+passes its bytes through a FIFO in a mount the container shares with the host when there is
+one (see dtrguard.fifo), and through the exec stream otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from dtrguard import log
+from dtrguard import fifo, log
 from dtrguard.config import PostgresSettings
 from dtrguard.dockerexec import Exec, Result
-from dtrguard.errors import CommandError, DtrguardError
+from dtrguard.errors import CommandError, DtrguardError, IntegrityError
 
 _log = log.get("postgres")
 
@@ -93,10 +96,30 @@ class Postgres:
         command = ["pg_dumpall", "--globals-only", "-U", self.settings.user]
         self.exec.stream_out(self.container, command, sink).check(f"pg_dumpall in {self.container}")
 
+    def shared_dir(self) -> fifo.SharedDir | None:
+        """Return the container's mount that a FIFO can pass through, or None (then exec streams)."""
+        shared = fifo.find_shared_dir(self.exec, self.container)
+        if shared is not None:
+            fifo.remove_stale(shared)
+        return shared
+
     def dump_database(self, database: str, sink: Callable[[bytes], Any]) -> None:
         """Stream one database in custom format, uncompressed, to sink."""
         command = ["pg_dump", "-Fc", "-Z0", "-U", self.settings.user, "-d", database]
-        self.exec.stream_out(self.container, command, sink).check(f"pg_dump of database {database} in {self.container}")
+        what = f"pg_dump of database {database} in {self.container}"
+        checked = _DumpCheck(sink, what)
+        shared = self.shared_dir()
+        with contextlib.ExitStack() as stack:
+            host, inside = stack.enter_context(fifo.fifo_in(shared)) if shared else (None, None)
+            if shared is not None and host is not None:
+                # pg_dump 10 and newer fsync their output file, which a FIFO refuses.
+                no_sync = ["--no-sync"] if _major(self.dump_tool_version()) >= 10 else []
+                command = [*command, *no_sync, "-f", str(inside)]
+                result = fifo.read_through(self.exec, self.container, command, str(shared.uid), host, checked)
+            else:
+                result = self.exec.stream_out(self.container, command, checked)
+        result.check(what)
+        checked.finish()
 
     def restore_globals(self, source: IO[bytes]) -> None:
         """Apply a globals dump in one transaction; roles that already exist are altered, not recreated."""
@@ -119,11 +142,52 @@ class Postgres:
             "pg_restore", "--clean", "--if-exists", "--single-transaction", "--exit-on-error",
             "-U", self.settings.user, "-d", database,
         ]  # fmt: skip
-        _run_input(self.exec, self.container, command, source, f"pg_restore of database {database}")
+        what = f"pg_restore of database {database}"
+        shared = self.shared_dir()
+        with contextlib.ExitStack() as stack:
+            host, inside = stack.enter_context(fifo.fifo_in(shared)) if shared else (None, None)
+            if shared is not None and host is not None:
+                # Given a file name, pg_restore opens the file twice; as its stdin, the FIFO is opened once.
+                through_stdin = ["sh", "-c", 'exec "$@" < "$0"', str(inside), *command]
+                result = fifo.write_through(self.exec, self.container, through_stdin, str(shared.uid), host, source)
+                _check_input(result, self.container, what)
+                return
+        _run_input(self.exec, self.container, command, source, what)
+
+
+class _DumpCheck:
+    """Passes a custom-format dump to sink and checks that it has pg_dump's header."""
+
+    def __init__(self, sink: Callable[[bytes], Any], what: str):
+        self.sink = sink
+        self.what = what
+        self.head = b""
+        self.size = 0
+
+    def __call__(self, chunk: bytes) -> None:
+        if len(self.head) < 5:
+            self.head += chunk[: 5 - len(self.head)]
+            if len(self.head) == 5 and self.head != b"PGDMP":
+                raise IntegrityError(f"{self.what} wrote {self.head!r} where a custom-format dump starts with PGDMP")
+        self.size += len(chunk)
+        self.sink(chunk)
+
+    def finish(self) -> None:
+        if self.head != b"PGDMP":
+            raise IntegrityError(f"{self.what} ended after {self.size} bytes, before a custom-format dump's header")
+
+
+def _major(version: str) -> int:
+    """Return the major version in `pg_dump (PostgreSQL) 15.18 (Debian ...)` or `... 9.4.1` (9 for 9.x)."""
+    match = re.search(r"\(PostgreSQL\)\s+(\d+)", version)
+    return int(match.group(1)) if match else 0
 
 
 def _run_input(runner: Exec, container: str, command: list[str], source: IO[bytes], what: str) -> None:
-    result = runner.stream_in(container, command, source)
+    _check_input(runner.stream_in(container, command, source), container, what)
+
+
+def _check_input(result: Result, container: str, what: str) -> None:
     if result.exit_code != 0:
         raise CommandError(
             f"{what} in {container} failed with exit code {result.exit_code}; the transaction was rolled back",
