@@ -69,6 +69,7 @@ class Relay:
         self.requests: list[RecordedRequest] = []
         self.mode = "down"
         self.listener: socket.socket | None = None
+        self.held = self._bind()  # bound but not listening while down, so no other socket takes the port
         self.connections: list[socket.socket] = []
         self.lock = threading.Lock()
 
@@ -90,15 +91,22 @@ class Relay:
             self.connections.clear()
             self.mode = mode
             if mode == "down" and self.listener is not None:
+                with contextlib.suppress(OSError):
+                    self.listener.shutdown(socket.SHUT_RDWR)  # stops listening and wakes the accept thread
                 self.listener.close()
                 self.listener = None
+                self.held = self._bind()
             elif mode != "down" and self.listener is None:
-                listener = socket.socket()
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind(("127.0.0.1", self.port))
+                listener, self.held = self.held or self._bind(), None
                 listener.listen(64)
                 self.listener = listener
                 threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        return sock
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
