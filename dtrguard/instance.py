@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import re
 import time
 import urllib.error
@@ -45,12 +46,18 @@ def _checked(value: str, source: str) -> str:
 
 
 def _from_imds(settings: NodeSettings) -> str:
+    """Read the instance id, retrying; raise MetadataUnavailable, never return a guess.
+
+    A dropped connection, an error status, a truncated response or a value that is no instance
+    id (a service still starting) are all retried, here and then by the caller.
+    """
     delay = 0.5
     for attempt in range(1, settings.imds_attempts + 1):
         try:
             return _checked(_imds_get(settings), settings.imds_endpoint)
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            _log.warning("imds.retry", attempt=attempt, error=str(exc), endpoint=settings.imds_endpoint)
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException, ConfigError) as exc:
+            error = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            _log.warning("imds.retry", attempt=attempt, error=error, endpoint=settings.imds_endpoint)
             if attempt < settings.imds_attempts:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

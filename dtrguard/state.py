@@ -33,6 +33,25 @@ class LastBackup:
 
 
 @dataclass
+class Leftovers:
+    """What a failed backup could not remove from S3 because S3 did not answer at the time.
+
+    The next backup removes these before it starts. Without this record, pruning would find
+    them only once they are older than retention.orphan_grace.
+    """
+
+    uploads: list[list[str]] = field(default_factory=list)  # [key, upload id] of multipart uploads to abort
+    keys: list[str] = field(default_factory=list)  # artifacts of sets that never got a manifest
+
+    def __len__(self) -> int:
+        return len(self.uploads) + len(self.keys)
+
+    def add(self, other: Leftovers) -> None:
+        self.uploads += [u for u in other.uploads if u not in self.uploads]
+        self.keys += [k for k in other.keys if k not in self.keys]
+
+
+@dataclass
 class State:
     """Record of this node's identity, restores and backups, kept in <state_dir>/state.json."""
 
@@ -44,6 +63,7 @@ class State:
     last_good_backup: LastBackup | None = None
     last_error: str | None = None
     next_run: str | None = None
+    leftovers: Leftovers = field(default_factory=Leftovers)
     extra: dict[str, Any] = field(default_factory=dict)  # unused; kept so older state files still load
 
 
@@ -63,6 +83,8 @@ def load(state_dir: Path) -> State | None:
         for key in ("last_backup", "last_good_backup"):
             if data.get(key):
                 data[key] = LastBackup(**data[key])
+        if "leftovers" in data:
+            data["leftovers"] = Leftovers(**data["leftovers"])
         return State(**data)
     except TypeError as exc:
         raise DtrguardError(f"state file {path} has unexpected fields: {exc}", hint="move it aside") from None
