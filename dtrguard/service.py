@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
+from botocore.exceptions import BotoCoreError, ClientError
 
 from dtrguard import lease, log, retention, state
 from dtrguard.backup import take_backup
@@ -43,10 +44,35 @@ from dtrguard.manifest import Manifest, utc_now
 from dtrguard.node import Node
 from dtrguard.notify import notify
 from dtrguard.restore import Progress, restore_set
-from dtrguard.state import LastBackup, State
+from dtrguard.state import LastBackup, Leftovers, State
 
 _log = log.get("service")
 T = TypeVar("T")
+
+
+class BackupTimeout(TransientError):
+    """A backup ran past schedule.backup_timeout and was stopped."""
+
+
+class DeadlinePassed(BotoCoreError):  # type: ignore[misc]  # botocore has no type hints
+    """Raised instead of sending an S3 request once the running backup has passed its deadline."""
+
+    fmt = "request not sent: the backup passed schedule.backup_timeout"
+
+
+class RunCancel(threading.Event):
+    """Set once the process is asked to stop (parent) or the run passes its deadline (time.monotonic())."""
+
+    def __init__(self, parent: threading.Event, deadline: float):
+        super().__init__()
+        self.parent = parent
+        self.deadline = deadline
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.parent.is_set() or self.expired()
 
 
 class Agent:
@@ -64,6 +90,7 @@ class Agent:
         self.refusal: RefusedError | None = None
         self.progress: Progress | None = None  # set while a restore runs
         self.backup_started: float | None = None  # time.monotonic() of the running backup
+        self.run_cancel: RunCancel | None = None  # the running backup's deadline
         self.stuck_reported = False
 
     # Start-up
@@ -83,7 +110,19 @@ class Agent:
     def connect(self) -> Node:
         if self.node is None:
             self.node = Node.connect(self.settings)
+            self.node.repository.client.meta.events.register("before-send.s3", self._before_s3_request)
         return self.node
+
+    def _before_s3_request(self, **kwargs: Any) -> None:
+        """Fail an S3 request at once, without sending it, when the running backup has passed its deadline.
+
+        A request already waiting on S3 ends only by its own timeouts; every later one, the
+        clean-up's included, fails here, and what it would have removed is recorded in the
+        state file for the next backup to remove.
+        """
+        run = self.run_cancel
+        if run is not None and run.expired():
+            raise DeadlinePassed()
 
     def save(self) -> None:
         state.save(self.settings.node.state_dir, self.state)
@@ -123,11 +162,26 @@ class Agent:
         self.save()
 
     def backup(self, take_lease: bool = False) -> Manifest:
-        """Take a backup set and record the result in the state file (see take_backup for take_lease)."""
+        """Take a backup set and record the result in the state file (see take_backup for take_lease).
+
+        The run is stopped once it passes schedule.backup_timeout: its uploads are aborted and
+        BackupTimeout is raised. Artifacts and uploads that S3 did not let a failed run remove
+        are recorded in the state file, and removed at the start of the next run.
+        """
         node = self.connect()
         clock = self.backup_started = time.monotonic()
+        run = self.run_cancel = RunCancel(self.cancel, clock + self.settings.schedule.backup_timeout)
+        leftovers = Leftovers()
         try:
-            manifest = take_backup(node, self.instance_id, self.cancel, take_lease)
+            try:
+                self.remove_leftovers()
+                manifest = take_backup(node, self.instance_id, run, take_lease, leftovers)
+            except DtrguardError as exc:
+                if run.expired() and not self.cancel.is_set() and not isinstance(exc, RefusedError):
+                    raise self._timed_out(exc) from exc
+                raise
+            finally:
+                self.state.leftovers.add(leftovers)
         except Aborted as exc:
             self.state.last_backup = LastBackup("aborted", utc_now().isoformat(), error=str(exc))
             self.save()
@@ -139,6 +193,7 @@ class Agent:
             raise
         finally:
             self.backup_started = None
+            self.run_cancel = None
             self.stuck_reported = False
         result = LastBackup("ok", manifest.finished_at, manifest.set_id, manifest.total_size(),
                             round(time.monotonic() - clock, 2))  # fmt: skip
@@ -148,6 +203,55 @@ class Agent:
         self.save()
         self.prune()
         return manifest
+
+    def _timed_out(self, cause: DtrguardError) -> BackupTimeout:
+        timeout = self.settings.schedule.backup_timeout
+        return BackupTimeout(
+            f"backup did not finish within schedule.backup_timeout ({timeout:g} s) and was stopped",
+            detail=cause.message + (f"; {cause.detail}" if cause.detail else ""),
+            hint="check that S3 and the Postgres container respond; raise schedule.backup_timeout"
+            " if a backup needs longer",
+        )
+
+    def remove_leftovers(self) -> None:
+        """Abort the uploads and delete the artifacts that earlier failed runs could not remove.
+
+        Whatever S3 still does not let dtrguard remove stays recorded for the next run.
+        """
+        pending = self.state.leftovers
+        if not pending:
+            return
+        repository = self.connect().repository
+        client, bucket = repository.client, repository.bucket
+        kept = Leftovers()
+        errors: list[str] = []
+        for key, upload_id in pending.uploads:
+            try:
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":  # gone already: done
+                    kept.uploads.append([key, upload_id])
+                    errors.append(str(exc))
+            except BotoCoreError as exc:
+                kept.uploads.append([key, upload_id])
+                errors.append(str(exc))
+        for key in pending.keys:
+            try:
+                client.delete_object(Bucket=bucket, Key=key)
+            except (ClientError, BotoCoreError) as exc:
+                kept.keys.append(key)
+                errors.append(str(exc))
+        self.state.leftovers = kept
+        self.save()
+        removed_uploads = len(pending.uploads) - len(kept.uploads)
+        removed_keys = len(pending.keys) - len(kept.keys)
+        if removed_uploads or removed_keys:
+            _log.info("leftovers.removed", uploads_aborted=removed_uploads, artifacts_deleted=removed_keys)
+        if kept:
+            _log.warning(
+                "leftovers.kept", uploads=len(kept.uploads), artifacts=len(kept.keys), error=errors[0],
+                hint="S3 did not answer; the next run tries again",
+            )  # fmt: skip
 
     def prune(self, dry_run: bool = False) -> retention.PrunePlan | None:
         """Apply the retention policy. A failure is logged, not raised, because the backup itself succeeded."""
@@ -309,22 +413,28 @@ class Agent:
             _log.warning("backup.aborted", error=str(exc), instance_id=self.instance_id)
         except DtrguardError as exc:
             event = "backup.failed" if self.state.established else "decision.failed"
-            _log.error(event, error=str(exc), instance_id=self.instance_id)
+            _log.error(event, error=str(exc), instance_id=self.instance_id, leftovers=len(self.state.leftovers))
         finally:
             self._update_next_run()
             notify(STATUS=self.status_line())
 
     def healthy(self) -> bool:
-        """Report whether to keep pinging systemd's watchdog: False once a backup overran its timeout."""
+        """Report whether to keep pinging systemd's watchdog: False once a backup outlived its deadline.
+
+        A backup is stopped at schedule.backup_timeout, but a request already waiting on S3 ends
+        only by its own timeouts, so a run is stuck only once that bound has passed too.
+        """
         started = self.backup_started
         timeout = self.settings.schedule.backup_timeout
-        if started is None or time.monotonic() - started <= timeout:
+        limit = timeout + request_bound(self.settings)
+        if started is None or time.monotonic() - started <= limit:
             return True
         if not self.stuck_reported:
             self.stuck_reported = True
             _log.error(
-                "backup.stuck", timeout_seconds=timeout, hint="watchdog pings stop, so systemd restarts dtrguard"
-            )
+                "backup.stuck", timeout_seconds=timeout, limit_seconds=limit,
+                hint="watchdog pings stop, so systemd restarts dtrguard",
+            )  # fmt: skip
         return False
 
     def _watchdog(self) -> None:
@@ -395,6 +505,12 @@ class Agent:
             self.state.next_run = None  # no run is scheduled once the service has stopped
             self.save()
         _log.info("service.stop")
+
+
+def request_bound(settings: Settings) -> float:
+    """Return how long one S3 request may take with every attempt waiting out its timeouts, in seconds."""
+    s3 = settings.s3
+    return (s3.connect_timeout + s3.read_timeout) * s3.max_attempts
 
 
 def watchdog_interval() -> float | None:
