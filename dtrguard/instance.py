@@ -46,7 +46,7 @@ def _checked(value: str, source: str) -> str:
 
 
 def _from_imds(settings: NodeSettings) -> str:
-    """Read the instance id, retrying; raise MetadataUnavailable, never return a guess.
+    """Read the instance id with retries. Raise MetadataUnavailable rather than return a guess.
 
     A dropped connection, an error status, a truncated response or a value that is no instance
     id (a service still starting) are all retried, here and then by the caller.

@@ -116,9 +116,9 @@ class Agent:
     def _before_s3_request(self, **kwargs: Any) -> None:
         """Fail an S3 request at once, without sending it, when the running backup has passed its deadline.
 
-        A request already waiting on S3 ends only by its own timeouts; every later one, the
-        clean-up's included, fails here, and what it would have removed is recorded in the
-        state file for the next backup to remove.
+        A request already waiting on S3 ends only by its own timeouts. Every later request,
+        the clean-up's included, fails here, so the state file records what it would have
+        removed, for the next backup to remove.
         """
         run = self.run_cancel
         if run is not None and run.expired():
@@ -229,7 +229,7 @@ class Agent:
             try:
                 client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":  # gone already: done
+                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":  # NoSuchUpload: removed already
                     kept.uploads.append([key, upload_id])
                     errors.append(str(exc))
             except BotoCoreError as exc:
@@ -250,7 +250,7 @@ class Agent:
         if kept:
             _log.warning(
                 "leftovers.kept", uploads=len(kept.uploads), artifacts=len(kept.keys), error=errors[0],
-                hint="S3 did not answer; the next run tries again",
+                hint="S3 did not respond, so the next run tries again",
             )  # fmt: skip
 
     def prune(self, dry_run: bool = False) -> retention.PrunePlan | None:

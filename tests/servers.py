@@ -69,7 +69,7 @@ class Relay:
         self.requests: list[RecordedRequest] = []
         self.mode = "down"
         self.listener: socket.socket | None = None
-        self.held = self._bind()  # bound but not listening while down, so no other socket takes the port
+        self.reserved = self._bind()  # bound but not listening while down, so no other socket takes the port
         self.connections: list[socket.socket] = []
         self.lock = threading.Lock()
 
@@ -95,9 +95,9 @@ class Relay:
                     self.listener.shutdown(socket.SHUT_RDWR)  # stops listening and wakes the accept thread
                 self.listener.close()
                 self.listener = None
-                self.held = self._bind()
+                self.reserved = self._bind()
             elif mode != "down" and self.listener is None:
-                listener, self.held = self.held or self._bind(), None
+                listener, self.reserved = self.reserved or self._bind(), None
                 listener.listen(64)
                 self.listener = listener
                 threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
@@ -226,7 +226,7 @@ class MetadataStub:
     """The IMDSv2 calls dtrguard and botocore make: PUT /latest/api/token, GET .../instance-id and,
     with credentials_ttl set, an IAM role's credentials.
 
-    drop_first makes the first N requests end with the connection closed and no answer, as a
+    drop_first makes the first N requests end with the connection closed and no response, as a
     metadata service that is not up yet. Each credentials fetch returns a new key pair that
     expires credentials_ttl seconds later; fetched_keys lists the access key ids in order.
     """
@@ -282,7 +282,7 @@ class MetadataStub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def _drop(self, handler: http.server.BaseHTTPRequestHandler) -> bool:
-        """Count a request; close its connection without an answer while drops are left."""
+        """Count a request, and close its connection without a response while drops are left."""
         with self.lock:
             self.requests += 1
             if self.drops_left <= 0:
@@ -303,9 +303,9 @@ class MetadataStub:
         with self.lock:
             self.fetched_keys.append(key_id)
         now = datetime.now(UTC)
-        # NOTE: Expiration carries milliseconds. botocore's IMDS fetcher moves an expiry written
-        # to the second (IMDS's own form) that is under 17 to 25 minutes away to 17 to 25 minutes
-        # from now, so it would not refresh for minutes; it leaves this ISO 8601 form as it is.
+        # NOTE: Expiration carries milliseconds, because botocore 1.44's IMDS fetcher parses only
+        # IMDS's own form (to the second) for its extension rule. That rule moves an expiry under
+        # 17 to 25 minutes away to 17 to 25 minutes from now, so botocore would not refresh for minutes.
         expiration = (now + timedelta(seconds=self.credentials_ttl)).isoformat(timespec="milliseconds")
         return json.dumps(
             {

@@ -1,6 +1,6 @@
 """Faults from the failure matrix, each against real S3 (moto), Postgres and Docker.
 
-S3 stops during an upload, S3 accepts connections and never answers, the metadata service drops
+S3 stops during an upload, S3 accepts connections and never responds, the metadata service drops
 its first connections, and role credentials expire within minutes. Each fault must end with the
 right behaviour, nothing lost, and one clear log event.
 """
@@ -72,13 +72,14 @@ def open_uploads(s3: Any, bucket: str) -> list[tuple[str, str]]:
 
 
 def wait_for_upload(s3: Any, bucket: str, artifact: str, daemon: Any, timeout: float = 120) -> tuple[str, str]:
-    """Wait until S3 holds a multipart upload of artifact, that is, its first part is on its way."""
+    """Wait until S3 has a multipart upload of artifact, which starts when its first part is sent."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for key, upload_id in open_uploads(s3, bucket):
             if key.endswith("/" + artifact):
                 return key, upload_id
-        assert not daemon.named("backup.end") and not daemon.named("backup.failed"), daemon.dump()
+        assert not daemon.named("backup.end"), daemon.dump()
+        assert not daemon.named("backup.failed"), daemon.dump()
         time.sleep(0.02)
     raise AssertionError(f"no multipart upload of {artifact} within {timeout} s:\n{daemon.dump()}")
 
@@ -106,14 +107,15 @@ def leftovers(node: DtrNode) -> dict[str, Any]:
     return recorded
 
 
-def test_backup_timeout_must_exceed_request_timeouts(tmp_path: Path) -> None:
+def test_backup_timeout_above_request_timeouts(tmp_path: Path) -> None:
     path = tmp_path / "dtrguard.toml"
     path.write_text('[s3]\nbucket = "dtr-backups"\nread_timeout = "30s"\nmax_attempts = 4\n'
                     '[schedule]\nbackup_timeout = "2m"\n')  # fmt: skip
     with pytest.raises(ConfigError) as caught:
         config.load(path)
     message = str(caught.value)
-    assert "schedule.backup_timeout (120 s)" in message and "(30 s x 4 = 120 s)" in message
+    assert "schedule.backup_timeout (120 s)" in message
+    assert "(30 s x 4 = 120 s)" in message
     assert "raise schedule.backup_timeout" in message
     path.write_text(path.read_text().replace('"2m"', '"121s"'))
     assert config.load(path).schedule.backup_timeout == 121
@@ -148,9 +150,11 @@ def test_s3_stops_during_upload(make_node: Any, moto_server: MotoServer, s3: Any
 
     failed_run = run_events(daemon, failed_set)
     assert [e for e in failed_run if e["level"] == "error"] == [failure]
-    assert key in failure["error"] and "S3 upload" in failure["error"]
+    assert key in failure["error"]
+    assert "S3 upload" in failure["error"]
     assert failure["leftovers"] == 1 + len(recorded["keys"])
-    assert removed == [removed[0]] and removed[0]["uploads_aborted"] == 1
+    assert len(removed) == 1
+    assert removed[0]["uploads_aborted"] == 1
     assert removed[0]["artifacts_deleted"] == len(recorded["keys"])
     assert daemon.named("leftovers.kept") == []
     # S3 is back and the next run has run: nothing of the failed set is left, and the next set is complete.
@@ -167,7 +171,7 @@ def test_s3_stops_during_upload(make_node: Any, moto_server: MotoServer, s3: Any
     relay.down()
 
 
-def test_s3_never_answers_run_ends_at_deadline(make_node: Any, moto_server: MotoServer, s3: Any, bucket: str) -> None:
+def test_s3_blackhole_run_stopped_at_deadline(make_node: Any, moto_server: MotoServer, s3: Any, bucket: str) -> None:
     timeout, connect_timeout, read_timeout, attempts = 5, 1, 1, 2
     relay = moto_relay(moto_server)
     node = node_with_data(
@@ -223,8 +227,9 @@ def test_metadata_drops_first_connections(make_node: Any) -> None:
 
     assert imds.dropped == 5
     drops = daemon.named("imds.retry")
-    assert len(drops) == 5 and all(e["level"] == "warning" for e in drops)
-    # Two attempts per read, so the service read the instance id three times, the last one answered.
+    assert len(drops) == 5
+    assert all(e["level"] == "warning" for e in drops)
+    # Two attempts per read, so the service read the instance id three times, and the third read succeeded.
     rounds = [e for e in daemon.named("retry") if e["action"] == "read instance id"]
     assert len(rounds) == 2
     names = [e["event"] for e in daemon.events]
@@ -269,7 +274,8 @@ def test_expiring_role_credentials_refreshed(
     assert verify.returncode == 0, verify.stderr
 
     signed = [r for r in relay.requests if r.access_key_id is not None]
-    assert signed and len(signed) == len(relay.requests)  # every S3 request was signed
+    assert signed
+    assert len(signed) == len(relay.requests)  # every S3 request was signed
     assert {r.access_key_id for r in signed} <= set(imds.fetched_keys)  # with keys from the metadata service
     parts = [
         r for r in relay.requests if r.method == "PUT" and "var-dtr.tar.zst?" in r.target and "partNumber=" in r.target
