@@ -61,7 +61,10 @@ class DeadlinePassed(BotoCoreError):  # type: ignore[misc]  # botocore has no ty
 
 
 class RunCancel(threading.Event):
-    """Set once the process is asked to stop (parent) or the run passes its deadline (time.monotonic())."""
+    """A backup's cancel flag: set once the process is asked to stop (parent) or the run passes its deadline.
+
+    Only is_set() sees the parent and the deadline (a time.monotonic() value). wait() does not.
+    """
 
     def __init__(self, parent: threading.Event, deadline: float):
         super().__init__()

@@ -37,7 +37,8 @@ class Leftovers:
     """What a failed backup could not remove from S3 because S3 did not respond at the time.
 
     The next backup removes these before it starts. Without this record, pruning would find
-    them only once they are older than retention.orphan_grace.
+    them only once they are older than retention.orphan_grace. A run killed outright (SIGKILL,
+    power loss) records nothing, so pruning removes its uploads after that grace.
     """
 
     uploads: list[list[str]] = field(default_factory=list)  # [key, upload id] of multipart uploads to abort
