@@ -22,12 +22,22 @@ from dtrguard.manifest import Artifact, Manifest, new_set_id, utc_now
 from dtrguard.node import Node
 from dtrguard.postgres import Postgres
 from dtrguard.repository import ArtifactUpload
+from dtrguard.state import Leftovers
 
 _log = log.get("backup")
 
 
-def take_backup(node: Node, instance_id: str, cancel: threading.Event, take_lease: bool = False) -> Manifest:
+def take_backup(
+    node: Node,
+    instance_id: str,
+    cancel: threading.Event,
+    take_lease: bool = False,
+    leftovers: Leftovers | None = None,
+) -> Manifest:
     """Upload a complete backup set and return its manifest.
+
+    When the set fails and S3 does not confirm the abort of an upload or the deletion of an
+    artifact, they are added to leftovers, for the caller to record and remove later.
 
     Before the manifest is written the writer lease is renewed, or taken when take_lease is set
     (the first backup of a first node, or an operator's one-shot backup). A lease held by another
@@ -38,7 +48,7 @@ def take_backup(node: Node, instance_id: str, cancel: threading.Event, take_leas
     clock = time.monotonic()
     _log.info("backup.start", set_id=set_id)
     data_key = node.repository.new_data_key(set_id)
-    uploader = _SetUploader(node, set_id, cancel, data_key)
+    uploader = _SetUploader(node, set_id, cancel, data_key, leftovers if leftovers is not None else Leftovers())
     try:
         manifest = _take(node, instance_id, started.isoformat(), uploader, take_lease)
     except BaseException:
@@ -110,12 +120,15 @@ def _dump(pg: Postgres, database: str, out: ArtifactUpload) -> None:
 class _SetUploader:
     """Uploads the artifacts of one set and remembers them, to delete them if the set fails."""
 
-    def __init__(self, node: Node, set_id: str, cancel: threading.Event, data_key: DataKey | None):
+    def __init__(
+        self, node: Node, set_id: str, cancel: threading.Event, data_key: DataKey | None, leftovers: Leftovers
+    ):
         self.repository = node.repository
         self.set_id = set_id
         self.cancel = cancel
         self.data_key = data_key
         self.uploaded: list[str] = []
+        self.leftovers = leftovers  # what S3 did not let this set's clean-up remove
 
     def upload(self, name: str, kind: str, source: str, produce: Callable[[ArtifactUpload], object]) -> Artifact:
         upload = self.repository.upload(self.set_id, name, self.cancel, self.data_key)
@@ -125,7 +138,9 @@ class _SetUploader:
             produce(upload)
             size, sha256, raw_size = upload.finish()
         except BaseException:
-            upload.abort()
+            upload_id = upload.upload_id
+            if not upload.abort() and upload_id is not None:
+                self.leftovers.uploads.append([upload.key, upload_id])
             raise
         self.uploaded.append(upload.key)
         seconds = round(time.monotonic() - clock, 2)
@@ -141,3 +156,4 @@ class _SetUploader:
                 self.repository.client.delete_object(Bucket=self.repository.bucket, Key=key)
             except (ClientError, BotoCoreError) as exc:
                 _log.warning("artifact.delete_failed", key=key, error=str(exc))
+                self.leftovers.keys.append(key)

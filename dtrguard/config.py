@@ -191,6 +191,16 @@ def parse(document: dict[str, Any], source: Path, local_only: bool = False) -> S
     dtr = _parse_dtr(top.table("dtr"))
     retention = _parse_retention(top.table("retention"))
     top.reject_unknown()
+    # A backup is stopped at backup_timeout, but a request already waiting on S3 ends only by its
+    # own timeouts, so a run can last backup_timeout plus one request's timeouts.
+    request = s3.read_timeout * s3.max_attempts
+    if not local_only and schedule.backup_timeout <= request:
+        raise top.fail(
+            f"schedule.backup_timeout ({schedule.backup_timeout:g} s) is not larger than s3.read_timeout"
+            f" x s3.max_attempts ({s3.read_timeout:g} s x {s3.max_attempts} = {request:g} s),"
+            " so one S3 request that waits out its timeouts would take the whole backup",
+            "raise schedule.backup_timeout, or lower s3.read_timeout or s3.max_attempts",
+        )
     return Settings(source, s3, directories, node, schedule, postgres, dtr, retention)
 
 

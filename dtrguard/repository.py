@@ -261,11 +261,14 @@ class Repository:
             )
         return warnings
 
-    def abort_upload(self, key: str, upload_id: str) -> None:
+    def abort_upload(self, key: str, upload_id: str) -> bool:
+        """Abort a multipart upload; return False, after a warning, when S3 did not confirm it."""
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except (ClientError, BotoCoreError) as exc:
-            _log.error("upload.abort_failed", key=key, error=str(exc))
+            _log.warning("upload.abort_failed", key=key, error=str(exc))
+            return False
+        return True
 
 
 class ArtifactUpload:
@@ -357,11 +360,10 @@ class ArtifactUpload:
         self.buffer = bytearray()
         return self.size, self.sha256.hexdigest(), self.raw_size
 
-    def abort(self) -> None:
-        """Abort the multipart upload if one was started."""
-        if self.upload_id is not None:
-            self.repository.abort_upload(self.key, self.upload_id)
-            self.upload_id = None
+    def abort(self) -> bool:
+        """Abort the multipart upload if one was started; return False when S3 did not confirm the abort."""
+        upload_id, self.upload_id = self.upload_id, None
+        return upload_id is None or self.repository.abort_upload(self.key, upload_id)
 
 
 class VerifiedStream(io.RawIOBase):
