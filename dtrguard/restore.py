@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
+import errno
 import shlex
+import shutil
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from dtrguard import log
 from dtrguard.archive import SwapJournal, excluded_paths, extract_archive, root_attributes
@@ -66,6 +69,7 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     set_id = manifest.set_id
     clock = time.monotonic()
     _log.info("restore.start", set_id=set_id, bytes=manifest.total_size(), instance_id=manifest.instance_id)
+    check_free_space(node, manifest)
     postgres = node.dtr.postgres()
     if postgres is not None and postgres.status == "running":
         check_postgres_version(node, manifest)
@@ -131,6 +135,42 @@ def _artifact(manifest: Manifest, kind: str, source: str) -> Artifact:
     )
 
 
+def check_free_space(node: Node, manifest: Manifest) -> None:
+    """Refuse, before any change, a restore whose directories cannot be staged beside the old contents.
+
+    Staging holds the new contents while the old ones stay, so each file system needs about the
+    archives' size free. A directory whose swap of this same set is already under way needs none.
+    """
+    needed: dict[int, tuple[int, list[str], Path]] = {}
+    for directory in node.settings.directories:
+        pending = SwapJournal(directory.path).read()
+        if pending and pending.get("phase") != "extracting" and pending.get("set_id") == manifest.set_id:
+            continue
+        probe = _existing_ancestor(directory.path)
+        size, paths, _ = needed.get(probe.stat().st_dev, (0, [], probe))
+        needed[probe.stat().st_dev] = (size + _artifact(manifest, "directory", str(directory.path)).raw_size,
+                                       [*paths, str(directory.path)], probe)  # fmt: skip
+    for size, paths, probe in needed.values():
+        free = shutil.disk_usage(probe).free
+        if size > free:
+            raise _no_space(manifest, paths, size, free)
+
+
+def _no_space(manifest: Manifest, paths: list[str], size: int, free: int) -> DtrguardError:
+    short = human_size(size - free)
+    return DtrguardError(
+        f"no space to restore set {manifest.set_id} into {', '.join(paths)}: it needs about {human_size(size)}"
+        f" of staging beside the current contents, and the file system has {human_size(free)} free",
+        hint=f"free at least {short} on that file system (nothing was changed), then start dtrguard again",
+    )
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_postgres_version(node: Node, manifest: Manifest) -> None:
     """Refuse a dump from a newer Postgres major than the target server, before any change."""
     version, version_num = node.postgres.server_version()
@@ -172,7 +212,16 @@ def stage_directory(
     journal.begin(manifest.set_id)
     data_key = node.repository.data_key(manifest)
     with node.repository.open(artifact, progress.add if progress else None, data_key) as stream:
-        stats, root = extract_archive(stream, journal.staging, target)
+        try:
+            stats, root = extract_archive(stream, journal.staging, target)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(journal.work).free
+                raise _no_space(manifest, [str(target)], artifact.raw_size, free) from None
+            raise DtrguardError(
+                f"extracting {artifact.key} into {journal.staging} failed: {exc}",
+                hint=f"check the file system of {target}; nothing was changed, and starting dtrguard again retries",
+            ) from None
     _log.info(
         "directory.staged", set_id=manifest.set_id, directory=str(target), files=stats.files,
         bytes=stats.bytes, seconds=round(time.monotonic() - clock, 2),

@@ -1,9 +1,6 @@
 """Failure cases end to end: a killed restore, a full disk, roles a fresh server lacks, an emptied database.
 
 Each test runs dtrguard against moto's S3 server, the test Postgres container and the Docker Engine.
-An assertion that raises KnownBug checks behaviour that dtrguard does not have yet. A test
-marked xfail(raises=KnownBug, strict=True) still fails on any other assertion, so the parts
-that work stay covered.
 """
 
 from __future__ import annotations
@@ -29,16 +26,6 @@ POSTGRES = "docker_trusted_registry_postgres"
 WORK_DIR = ".dtrguard-restore"
 NODE_A = "i-0aaaaaaaaaaaaaaaa"
 NODE_B = "i-0bbbbbbbbbbbbbbbb"
-
-
-class KnownBug(AssertionError):
-    """An assertion about behaviour that dtrguard lacks; see the test's xfail reason."""
-
-
-def expect(condition: bool, message: str) -> None:
-    """Raise KnownBug unless condition holds."""
-    if not condition:
-        raise KnownBug(message)
 
 
 # Helpers
@@ -261,16 +248,19 @@ def container_states() -> dict[str, str]:
     return {name: docker.containers.get(name).status for name in CONTAINERS}
 
 
-@pytest.mark.xfail(
-    raises=KnownBug,
-    strict=True,
-    reason="an OSError from extraction (ENOSPC) is not a DtrguardError, so `dtrguard run` logs command.crashed"
-    " with a traceback instead of an error that names the directory and gives a hint",
-)
-def test_full_disk_keeps_old_contents(make_node: Any, s3: Any, bucket: str) -> None:
+def shrink_inodes(path: Path, spare: int) -> None:
+    """Limit the tmpfs at path to the inodes it uses now plus spare, leaving its byte size alone."""
+    stats = os.statvfs(path)
+    used = stats.f_files - stats.f_ffree
+    subprocess.run(["mount", "-o", f"remount,nr_inodes={used + spare}", str(path)], check=True)
+
+
+@pytest.mark.parametrize("short_of", ["bytes", "inodes"])
+def test_full_disk_keeps_old_contents(make_node: Any, s3: Any, bucket: str, short_of: str) -> None:
     node_a = node_with_data(make_node)
-    with open(node_a.var / "image-storage" / "local" / "large-layer", "wb") as handle:
-        handle.write(os.urandom(LARGE_LAYER))
+    if short_of == "bytes":
+        with open(node_a.var / "image-storage" / "local" / "large-layer", "wb") as handle:
+            handle.write(os.urandom(LARGE_LAYER))
     set_id = backup_once(node_a)
     artifacts = read_manifest(s3, bucket, set_id)["artifacts"]
     var_raw_size = next(a["raw_size"] for a in artifacts if a["name"] == "var-dtr.tar.zst")
@@ -281,16 +271,25 @@ def test_full_disk_keeps_old_contents(make_node: Any, s3: Any, bucket: str) -> N
     with small_filesystem(node_b.var):
         node_b.install()
         write_stale_var(node_b.var, files=100)
-        shrink_to_headroom(node_b.var)
-        assert var_raw_size > free_bytes(node_b.var)
+        if short_of == "bytes":
+            # The archive does not fit: dtrguard sees that before it stops DTR or downloads anything.
+            shrink_to_headroom(node_b.var)
+            assert var_raw_size > free_bytes(node_b.var)
+        else:
+            # The bytes fit but the files do not: the file system fills up part-way through staging.
+            shrink_inodes(node_b.var, spare=10)
+            assert var_raw_size < free_bytes(node_b.var)
         var_before, etc_before, tables_before = tree(node_b.var), tree(node_b.etc), table_contents()
 
         daemon = node_b.start()
         code = daemon.wait_exit()
-        assert code != 0
+        assert code == 1
         assert daemon.named("restore.start")[0]["set_id"] == set_id
         assert daemon.named("restore.end") == []
-        assert daemon.named("container.stop") != [], "the restore failed before it stopped DTR"
+        if short_of == "bytes":
+            assert daemon.named("container.stop") == [], "DTR was stopped although the check needs no change"
+        else:
+            assert daemon.named("container.stop") != [], "staging ran out of inodes before DTR was stopped"
         assert tree(node_b.var) == var_before  # the stale contents, and no work dir left behind
         assert tree(node_b.etc) == etc_before
         assert table_contents() == tables_before
@@ -298,18 +297,18 @@ def test_full_disk_keeps_old_contents(make_node: Any, s3: Any, bucket: str) -> N
 
         # systemd starts the unit again after a failure (Restart=on-failure); that run must change nothing either.
         again = node_b.start()
-        assert again.wait_exit() != 0
+        assert again.wait_exit() == 1
         assert again.named("restore.end") == []
         assert tree(node_b.var) == var_before
         assert set(container_states().values()) == {"running"}
 
         errors = errors_of(daemon.events)
         text = json.dumps(errors)
-        expect(len(errors) == 1, f"expected one error event, got {len(errors)}: {text}")
+        assert len(errors) == 1, f"expected one error event, got {len(errors)}: {text}"
         message = str(errors[0].get("error", ""))
-        expect(str(node_b.var) in message, f"the error does not name {node_b.var}: {text}")
-        expect("no space" in message.lower() or "ENOSPC" in message, f"the error does not say no space: {text}")
-        expect(bool(errors[0].get("hint")), f"the error gives no fix: {text}")
+        assert str(node_b.var) in message, f"the error does not name {node_b.var}: {text}"
+        assert "no space" in message, f"the error does not say no space: {text}"
+        assert "free at least" in str(errors[0].get("hint")), f"the error gives no fix: {text}"
 
 
 # Objects owned by a role that a fresh server lacks
@@ -404,12 +403,6 @@ weekly_within = "1s"
 """
 
 
-@pytest.mark.xfail(
-    raises=KnownBug,
-    strict=True,
-    reason="retention.anomaly compares the newest set only with the one before it, so the second backup of an"
-    " emptied node finds no drop and prunes every good set",
-)
 def test_emptied_database_keeps_good_sets(make_node: Any, s3: Any, bucket: str) -> None:
     node = node_with_data(make_node, interval="2s")
     good = [backup_once(node) for _ in range(3)]
@@ -449,6 +442,6 @@ def test_emptied_database_keeps_good_sets(make_node: Any, s3: Any, bucket: str) 
     second = again.stdout.strip()
     assert second not in good
     kept = manifest_ids(s3, bucket)
-    expect(all(set_id in kept for set_id in good), f"good sets deleted: {sorted(set(good) - set(kept))}")
+    assert all(set_id in kept for set_id in good), f"good sets deleted: {sorted(set(good) - set(kept))}"
     skipped = [event for event in events if event["event"] == "prune.skipped"]
-    expect(len(skipped) == 1, f"the second emptied backup logged no prune.skipped: {json.dumps(events)}")
+    assert len(skipped) == 1, f"the second emptied backup logged no prune.skipped: {json.dumps(events)}"
