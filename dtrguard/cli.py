@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--dry-run", action="store_true", help="print what would be restored; change nothing")
     prune = command("prune", "delete sets the retention policy no longer keeps, and orphaned artifacts")
     prune.add_argument("--dry-run", action="store_true", help="print what would be deleted; change nothing")
+    prune.add_argument(
+        "--accept-drop",
+        action="store_true",
+        help="take the newest set's fall in rows or bytes as intended, so pruning resumes",
+    )
     listing = command("list", "list complete backup sets, oldest first")
     listing.add_argument("--json", action="store_true", help="print JSON")
     verify = command("verify", "download a set and check every artifact's size and sha256")
@@ -185,10 +190,12 @@ def _describe_data(node: Node) -> str:
 
 
 def _prune(agent: Agent, args: argparse.Namespace) -> None:
-    pruning = agent.prune(dry_run=args.dry_run)
+    pruning = agent.prune(dry_run=args.dry_run, accept_drop=args.accept_drop)
     if pruning is None:
         raise DtrguardError("pruning failed", hint="see the prune.failed event above")
     verb = "would delete" if args.dry_run else "deleted"
+    if pruning.accept:
+        print(f"{'would accept' if args.dry_run else 'accepted'} the level of set {pruning.accept} after a drop")
     if pruning.skipped_reason:
         print(f"kept every set: {pruning.skipped_reason}")
     for set_id in pruning.delete:

@@ -256,11 +256,14 @@ class Agent:
                 hint="S3 did not respond, so the next run tries again",
             )  # fmt: skip
 
-    def prune(self, dry_run: bool = False) -> retention.PrunePlan | None:
-        """Apply the retention policy. A failure is logged, not raised, because the backup itself succeeded."""
+    def prune(self, dry_run: bool = False, accept_drop: bool = False) -> retention.PrunePlan | None:
+        """Apply the retention policy. A failure is logged, not raised, because the backup itself succeeded.
+
+        accept_drop takes the newest set's rows and bytes as intended (see dtrguard.retention).
+        """
         repository = self.connect().repository
         try:
-            pruning = retention.plan(repository, self.settings.retention, utc_now())
+            pruning = retention.plan(repository, self.settings.retention, utc_now(), accept_drop)
             if not dry_run:
                 retention.apply(repository, pruning)
         except DtrguardError as exc:

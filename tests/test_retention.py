@@ -140,3 +140,38 @@ def test_prune_aborts_stale_uploads(moto_server: Any, bucket: str, s3: Any) -> N
     later = datetime.now(UTC) + timedelta(days=2)
     apply(repository, plan(repository, POLICY, later))
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_guard_holds_while_node_stays_empty(moto_server: Any, bucket: str) -> None:
+    """Two empty sets in a row: the newest matches the one before it, but not the good sets due to go."""
+    repository = make_repository(moto_server.url, bucket)
+    good = [at(timedelta(days=200 + i), rows=5000) for i in range(3)]
+    empty = [at(timedelta(hours=2), rows=0, directory_bytes=0), at(timedelta(hours=1), rows=0, directory_bytes=0)]
+    for manifest in [*good, *empty]:
+        put_set(repository, manifest)
+    pruning = plan(repository, POLICY, NOW)
+    assert pruning.delete == []
+    assert pruning.skipped_reason is not None
+    assert "rows fell from 5000" in pruning.skipped_reason and "--accept-drop" in pruning.skipped_reason
+    assert any(m.set_id in pruning.skipped_reason for m in good)
+
+
+def test_accepted_drop_lets_pruning_resume(moto_server: Any, bucket: str, s3: Any) -> None:
+    repository = make_repository(moto_server.url, bucket)
+    good = [at(timedelta(days=200 + i), rows=5000) for i in range(3)]
+    small = [at(timedelta(hours=3), rows=1000), at(timedelta(hours=2), rows=1000)]
+    for manifest in [*good, *small]:
+        put_set(repository, manifest)
+    assert plan(repository, POLICY, NOW).skipped_reason is not None
+
+    dry = plan(repository, POLICY, NOW, accept_drop=True)
+    assert dry.accept == small[-1].set_id
+    assert sorted(dry.delete) == sorted(m.set_id for m in good[1:])  # good[0] is among the newest three
+    assert "test/accepted-drop.json" not in keys(s3, bucket)  # a plan alone changes nothing
+    apply(repository, dry)
+    assert "test/accepted-drop.json" in keys(s3, bucket)
+
+    # Later sets are compared with the accepted one and those after it: a new drop stops pruning again.
+    put_set(repository, at(timedelta(hours=1), rows=0, directory_bytes=0))
+    later = plan(repository, POLICY, NOW)
+    assert later.skipped_reason is not None and "rows fell from 1000" in later.skipped_reason
