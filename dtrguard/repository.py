@@ -9,12 +9,14 @@ A set exists only once its manifest does: listing reads manifests/ alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import threading
 from collections.abc import Callable, Iterator
-from typing import IO, Any, cast
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO, Any, Protocol, cast
 
 import boto3
 import zstandard
@@ -28,6 +30,14 @@ from dtrguard.errors import Aborted, IntegrityError, RepositoryUnavailable
 from dtrguard.manifest import Artifact, Manifest, parse
 
 _log = log.get("repository")
+
+
+class Flag(Protocol):
+    """Anything with is_set(), such as threading.Event."""
+
+    def is_set(self) -> bool: ...
+
+
 DOWNLOAD_CHUNK = 1024 * 1024
 
 
@@ -227,7 +237,7 @@ class Repository:
     def verify(
         self,
         artifact: Artifact,
-        cancel: threading.Event | None = None,
+        cancel: Flag | None = None,
         on_bytes: Callable[[int], None] | None = None,
         data_key: DataKey | None = None,
     ) -> None:
@@ -274,9 +284,10 @@ class Repository:
 class ArtifactUpload:
     """A zstd-compressing, optionally encrypting, hashing, multipart upload fed by write().
 
-    Memory stays at about one part (S3Settings.part_size) whatever the artifact's size. A
-    stream shorter than one part goes up with a single PutObject. Any failure, or cancel being
-    set, aborts the multipart upload so no orphaned parts remain.
+    One part goes up in a background thread while the next one fills, so compression and the
+    upload overlap; memory stays at about two parts (S3Settings.part_size) whatever the
+    artifact's size. A stream shorter than one part goes up with a single PutObject. Any
+    failure, or cancel being set, aborts the multipart upload so no orphaned parts remain.
     """
 
     def __init__(
@@ -295,6 +306,8 @@ class ArtifactUpload:
         self.size = 0
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
+        self._sender: ThreadPoolExecutor | None = None
+        self._in_flight: Future[None] | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.cancel.is_set():
@@ -318,20 +331,43 @@ class ArtifactUpload:
             self._upload_part(part)
 
     def _upload_part(self, part: bytes) -> None:
-        try:
-            if self.upload_id is None:
+        """Wait for the part in flight, then send this one in the background."""
+        self._wait_in_flight()
+        if self.upload_id is None:
+            try:
                 response = self.client.create_multipart_upload(
                     Bucket=self.repository.bucket, Key=self.key, **self.repository._encryption()
                 )
-                self.upload_id = response["UploadId"]
-            number = len(self.parts) + 1
+            except (ClientError, BotoCoreError) as exc:
+                raise unavailable(f"upload of {self.key}", exc) from None
+            self.upload_id = response["UploadId"]
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
+        assert self._sender is not None
+        entry: dict[str, Any] = {"PartNumber": len(self.parts) + 1}
+        self.parts.append(entry)
+        self._in_flight = self._sender.submit(self._send_part, self.upload_id, entry, part)
+
+    def _send_part(self, upload_id: str, entry: dict[str, Any], part: bytes) -> None:
+        number = entry["PartNumber"]
+        try:
             response = self.client.upload_part(
-                Bucket=self.repository.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=part
+                Bucket=self.repository.bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=part
             )
-            self.parts.append({"PartNumber": number, "ETag": response["ETag"]})
         except (ClientError, BotoCoreError) as exc:
             raise unavailable(f"upload of {self.key}", exc) from None
+        entry["ETag"] = response["ETag"]
         _log.debug("upload.part", key=self.key, part=number, bytes=len(part))
+
+    def _wait_in_flight(self) -> None:
+        """Raise the error of the part in flight, if it failed."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def _stop_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
 
     def finish(self) -> tuple[int, str, int]:
         """Flush, complete the upload and return (size, sha256, raw size)."""
@@ -349,6 +385,8 @@ class ArtifactUpload:
             else:
                 if self.buffer:
                     self._upload_part(bytes(self.buffer))
+                self._wait_in_flight()
+                self._stop_sender()
                 self.client.complete_multipart_upload(
                     Bucket=self.repository.bucket,
                     Key=self.key,
@@ -362,6 +400,9 @@ class ArtifactUpload:
 
     def abort(self) -> bool:
         """Abort the multipart upload if one was started; return False when S3 did not confirm the abort."""
+        with contextlib.suppress(Exception):  # a part that failed has already given its error to the caller
+            self._wait_in_flight()
+        self._stop_sender()
         upload_id, self.upload_id = self.upload_id, None
         return upload_id is None or self.repository.abort_upload(self.key, upload_id)
 

@@ -17,6 +17,8 @@ import shlex
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,24 +76,21 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     if postgres is not None and postgres.status == "running":
         check_postgres_version(node, manifest)
 
-    data_key = node.repository.data_key(manifest)  # an encrypted set's key is unwrapped before any change
-    progress.phase = "verifying database dumps"
-    for artifact in manifest.artifacts:
-        if artifact.kind in ("globals", "database"):
-            node.repository.verify(artifact, cancel, progress.add, data_key)
-
-    node.dtr.stop_all_but_postgres()
+    # A swap that an earlier run left unfinished changes live files, so it runs with DTR stopped;
+    # otherwise DTR keeps running while the set is checked and staged, and stops only for the swap.
+    stopped = any(_pending_swap(directory.path) for directory in node.settings.directories)
+    if stopped:
+        node.dtr.stop_all_but_postgres()
     try:
-        progress.phase = "directories"
-        staged = []
-        for directory in node.settings.directories:
-            _checkpoint(cancel, set_id)
-            staged.append(stage_directory(node, manifest, directory, progress))
+        staged = _verify_and_stage(node, manifest, cancel, progress)
     except BaseException:
         for directory in node.settings.directories:
             SwapJournal(directory.path).discard()
-        _restart_after_failure(node)
+        if stopped:
+            _restart_after_failure(node)
         raise
+    if not stopped:
+        node.dtr.stop_all_but_postgres()
     for directory, staging in zip(node.settings.directories, staged, strict=True):
         swap_directory(node, manifest, directory, staging)
 
@@ -109,6 +108,64 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     progress.phase = "starting DTR"
     node.dtr.start_all()
     _log.info("restore.end", set_id=set_id, bytes=manifest.total_size(), seconds=round(time.monotonic() - clock, 2))
+
+
+def _pending_swap(path: Path) -> bool:
+    journal = SwapJournal(path).read()
+    return journal is not None and journal.get("phase") != "extracting"
+
+
+class _Either:
+    """Set when either of two events is: the caller's cancel, or a failure in the other worker."""
+
+    def __init__(self, first: threading.Event, second: threading.Event):
+        self.first = first
+        self.second = second
+
+    def is_set(self) -> bool:
+        return self.first.is_set() or self.second.is_set()
+
+
+def _verify_and_stage(node: Node, manifest: Manifest, cancel: threading.Event, progress: Progress) -> list[Staged]:
+    """Download and check the dumps in one thread while the directories are staged in this one.
+
+    The first failure stops the other side at its next chunk, and is the one raised.
+    """
+    data_key = node.repository.data_key(manifest)  # an encrypted set's key is unwrapped before any change
+    failed = threading.Event()
+    stop = _Either(cancel, failed)
+
+    def on_bytes(count: int) -> None:
+        progress.add(count)
+        if stop.is_set():
+            raise Aborted(f"restore of set {manifest.set_id} stopped")
+
+    def verify_dumps() -> None:
+        try:
+            for artifact in manifest.artifacts:
+                if artifact.kind in ("globals", "database"):
+                    node.repository.verify(artifact, stop, on_bytes, data_key)
+        except BaseException:
+            failed.set()
+            raise
+
+    progress.phase = "checking the dumps and staging the directories"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
+        dumps = pool.submit(verify_dumps)
+        staged: list[Staged] = []
+        staging_error: BaseException | None = None
+        try:
+            for directory in node.settings.directories:
+                _checkpoint(cancel, manifest.set_id)
+                staged.append(stage_directory(node, manifest, directory, on_bytes))
+        except BaseException as exc:
+            failed.set()
+            staging_error = exc
+        dumps_error = dumps.exception()
+    errors = [e for e in (staging_error, dumps_error) if e is not None]
+    if errors:  # the worker that failed first is the one whose error is not Aborted
+        raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
+    return staged
 
 
 def _restart_after_failure(node: Node) -> None:
@@ -192,7 +249,7 @@ class Staged:
 
 
 def stage_directory(
-    node: Node, manifest: Manifest, directory: DirectorySettings, progress: Progress | None = None
+    node: Node, manifest: Manifest, directory: DirectorySettings, on_bytes: Callable[[int], None] | None = None
 ) -> Staged:
     """Extract a directory's archive into staging, after finishing any swap an earlier run left."""
     artifact = _artifact(manifest, "directory", str(directory.path))
@@ -211,7 +268,7 @@ def stage_directory(
     _log.info("directory.start", set_id=manifest.set_id, directory=str(target), bytes=artifact.size)
     journal.begin(manifest.set_id)
     data_key = node.repository.data_key(manifest)
-    with node.repository.open(artifact, progress.add if progress else None, data_key) as stream:
+    with node.repository.open(artifact, on_bytes, data_key) as stream:
         try:
             stats, root = extract_archive(stream, journal.staging, target)
         except OSError as exc:

@@ -134,8 +134,8 @@ def apply(repository: Repository, pruning: PrunePlan) -> None:
         _delete_keys(repository, _set_keys(repository, set_id))
         _log.info("prune.orphan_deleted", set_id=set_id)
     for key, upload_id in pruning.uploads:
-        repository.abort_upload(key, upload_id)
-        _log.info("prune.upload_aborted", key=key)
+        if repository.abort_upload(key, upload_id):
+            _log.info("prune.upload_aborted", key=key)
 
 
 def _accepted_key(repository: Repository) -> str:

@@ -12,7 +12,9 @@ import pytest
 
 from dtrguard.errors import EXIT_REFUSED
 
-from dtrnode import DtrNode
+from dtrnode import DtrNode, container_exec
+
+PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
 
 pytestmark = pytest.mark.docker
 
@@ -74,17 +76,34 @@ def test_notify_ready_status_stopping(make_node: Any, notify_socket: NotifySocke
 
 def test_watchdog_pings_then_stops_when_stuck(make_node: Any, notify_socket: NotifySocket) -> None:
     env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "400000"}
-    # Any backup outlasts a timeout of 1 ms, so the watchdog must report it as stuck.
-    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", env=env, schedule_config='backup_timeout = "1ms"', interval="3s")
+    # A run is stuck once it outlives backup_timeout plus one S3 request's timeouts: 2 s + (1 s + 1 s) x 1 here.
+    node: DtrNode = make_node(
+        "i-0aaaaaaaaaaaaaaaa", env=env, interval="3s", schedule_config='backup_timeout = "2s"',
+        s3_config='connect_timeout = "1s"\nread_timeout = "1s"\nmax_attempts = 1',
+    )  # fmt: skip
     node.install()
     node.seed()
+    assert node.command("backup").returncode == 0
+    # pg_dump waits 8 s before it writes anything, so the run outlives that bound and the watchdog must report it.
+    script = f'[ "$1" = --version ] && exec {PG_DUMP}.real --version; sleep 8; exec {PG_DUMP}.real "$@"'
+    replace = (
+        f"cat {PG_DUMP} > {PG_DUMP}.real && chmod 755 {PG_DUMP}.real && printf '#!/bin/sh\\n{script}\\n' > {PG_DUMP}"
+    )
+    code, output = container_exec("docker_trusted_registry_postgres", ["sh", "-c", replace], user="root")
+    assert code == 0, output
     daemon = node.start()
     stuck = daemon.wait_for("backup.stuck")[0]
-    daemon.wait_for("schedule.start")
-    daemon.wait_for("backup.end", count=2)  # the idle time between the two backups has pings
+    failure = daemon.wait_for("backup.failed")[0]  # stopped at its deadline once pg_dump writes
+    code, output = container_exec(
+        "docker_trusted_registry_postgres", ["sh", "-c", f"cat {PG_DUMP}.real > {PG_DUMP}"], user="root"
+    )
+    assert code == 0, output
+    pings_before = len(notify_socket.values("WATCHDOG"))
+    daemon.wait_for("backup.end")  # the pings resume, and the next run succeeds
     assert daemon.stop() == 0
     assert stuck["level"] == "error"
-    assert notify_socket.values("WATCHDOG"), notify_socket.messages
+    assert "schedule.backup_timeout (2 s)" in failure["error"]
+    assert len(notify_socket.values("WATCHDOG")) > pings_before, notify_socket.messages
 
 
 def test_restore_status_shows_progress(make_node: Any, notify_socket: NotifySocket) -> None:
