@@ -38,13 +38,13 @@ SCHEME = "kms-aes-256-gcm-frames-1"
 MAGIC = b"DTRGENC1"
 FRAME = 1024 * 1024
 TAG = 16
-# The encryption context binds a wrapped key to its set: KMS refuses to unwrap it for any other set id.
+# The encryption context binds a wrapped key to its set: KMS rejects a Decrypt that names another set id.
 CONTEXT_KEY = "dtrguard:set"
 
 
 @dataclass(frozen=True)
 class Envelope:
-    """What a manifest records about a set's encryption: the scheme, the KMS key and the wrapped data key."""
+    """The encryption record of a manifest: the scheme, the KMS key and the wrapped data key."""
 
     scheme: str
     kms_key_id: str

@@ -1,10 +1,10 @@
 """Move a dump or a restore's input through a FIFO in a directory the container shares with the host.
 
 Bytes that pass through the Engine's exec attach stream go through dockerd and the API socket,
-which costs CPU and caps throughput well below a pipe's. When the Postgres container has a
+which costs CPU and caps throughput well below a pipe's. The Postgres container often has a
 writable mount whose host directory dtrguard can reach (the data directory, as a bind mount or
-a local volume), pg_dump writes into, or pg_restore reads from, a FIFO there instead, and only
-the command's exit code and stderr pass through exec. Without such a mount, or when the FIFO
+a local volume). pg_dump then writes into, or pg_restore reads from, a FIFO there instead, and
+only the command's exit code and stderr pass through exec. Without such a mount, or when the FIFO
 cannot be made, the callers stream through exec as before.
 
 A FIFO is used only after the container has been seen to find it under the same random name,
@@ -44,7 +44,7 @@ class SharedDir:
 
 
 def find_shared_dir(runner: Exec, container: str) -> SharedDir | None:
-    """Return a writable mount of container that the host reaches and the container sees, or None."""
+    """Return a writable mount of container that both the host and the container can open, or None."""
     try:
         mounts = runner.api.inspect_container(container).get("Mounts") or []
     except Exception as exc:  # noqa: BLE001 - any failure means "no fast path", never a failed backup
@@ -175,7 +175,7 @@ def read_through(
 def write_through(runner: Exec, container: str, command: list[str], user: str, fifo: Path, source: IO[bytes]) -> Result:
     """Run command, which reads the FIFO, and feed it from source.
 
-    If reading source raises (a failed checksum, say), the command is killed before it sees the
+    If reading source raises (a failed checksum, say), the command is killed before it reads the
     end of its input, and the exception propagates once it has ended.
     """
     running = _Command(runner, container, command, user, fifo, read_end=False)
@@ -194,7 +194,7 @@ def write_through(runner: Exec, container: str, command: list[str], user: str, f
             while view:
                 view = view[os.write(fd, view) :]
     except BrokenPipeError:
-        pass  # the command stopped reading; its exit code tells why
+        pass  # the command stopped reading, and its exit code and stderr give the reason
     except BaseException as exc:
         failure = exc
         running.kill()
