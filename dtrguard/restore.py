@@ -208,9 +208,10 @@ def check_free_space(node: Node, manifest: Manifest) -> None:
         needed[probe.stat().st_dev] = (size + _artifact(manifest, "directory", str(directory.path)).raw_size,
                                        [*paths, str(directory.path)], probe)  # fmt: skip
     for size, paths, probe in needed.values():
-        free = shutil.disk_usage(probe).free
-        if size > free:
-            raise _no_space(manifest, paths, size, free)
+        usage = shutil.disk_usage(probe)
+        # A file system that reports no size at all (ramfs) has no limit to check against.
+        if usage.total and size > usage.free:
+            raise _no_space(manifest, paths, size, usage.free)
 
 
 def _no_space(manifest: Manifest, paths: list[str], size: int, free: int) -> DtrguardError:
