@@ -76,6 +76,9 @@ class Repository:
         self.bucket = settings.bucket
         self.prefix = settings.prefix
         self._keys: dict[str, DataKey] = {}
+        # Manifests are never replaced (If-None-Match), so one read once stays valid. Keeping them
+        # makes a run's requests independent of how many sets the repository holds, but for the listing.
+        self._manifests: dict[str, Manifest] = {}
         self._key_service: KeyService | None = None
 
     def artifact_key(self, set_id: str, name: str) -> str:
@@ -168,6 +171,7 @@ class Repository:
             raise unavailable(f"write of {key}", exc) from None
         except BotoCoreError as exc:
             raise unavailable(f"write of {key}", exc) from None
+        self._manifests[key] = manifest
         self.put_marker(manifest)
 
     def manifest_keys(self) -> list[str]:
@@ -182,6 +186,8 @@ class Repository:
         return keys
 
     def read_manifest(self, key: str) -> Manifest:
+        if key in self._manifests:
+            return self._manifests[key]
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except (ClientError, BotoCoreError) as exc:
@@ -189,6 +195,7 @@ class Repository:
         manifest = parse(body, key)
         if self.manifest_key(manifest.set_id) != key:
             raise IntegrityError(f"manifest {key} names set {manifest.set_id!r}", hint="delete or repair the object")
+        self._manifests[key] = manifest
         return manifest
 
     def manifests(self) -> list[Manifest]:

@@ -13,6 +13,7 @@ import pytest
 from dtrguard.errors import EXIT_REFUSED
 
 from dtrnode import DtrNode, container_exec
+from servers import Relay
 
 PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
 
@@ -164,3 +165,31 @@ def test_one_shot_commands_beside_service(make_node: Any) -> None:
     assert backup.returncode == 0, backup.stderr
     assert daemon.stop() == 0
     assert "service: not running" in node.command("status").stdout
+
+
+def test_requests_per_backup_stay_flat(make_node: Any, moto_server: Any) -> None:
+    """Each scheduled backup makes the same S3 requests however many sets the repository holds."""
+    relay = Relay(int(moto_server.url.rsplit(":", 1)[1]), record=True)
+    relay.up()
+    try:
+        node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", s3_url=relay.url, interval="1s")
+        node.install()
+        node.seed()
+        daemon = node.start()
+        daemon.wait_for("backup.end", count=6)
+        assert daemon.stop() == 0
+    finally:
+        relay.down()
+    # A run starts with the upload of its first artifact, the small etc-dtr.tar.zst (one PUT); split the log there.
+    runs: list[list[str]] = []
+    for request in relay.requests:
+        path = request.target.split("?")[0]
+        if request.method == "PUT" and path.endswith("/etc-dtr.tar.zst"):
+            runs.append([])
+        if runs:
+            runs[-1].append(f"{request.method} {path}")
+    complete = runs[1:5]  # the first run reads the repository for the first time; the last may be cut off
+    assert len(complete) == 4
+    assert len({len(run) for run in complete}) == 1, [len(run) for run in complete]
+    for run in complete:
+        assert not [line for line in run if line.startswith("GET") and "/manifests/" in line], run
