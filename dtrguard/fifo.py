@@ -148,20 +148,26 @@ class _Command:
             self.runner._kill(self.exec_id)
 
 
+def _open_end(running: _Command, flags: int) -> int:
+    """Open dtrguard's end of the FIFO, waiting for the command to open its end; kill it if that fails."""
+    try:
+        fd = os.open(running.fifo, flags)
+    except BaseException:
+        running.kill()
+        raise
+    running.opened.set()
+    with contextlib.suppress(OSError):  # a larger pipe means fewer wake-ups; the default works too
+        fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
+    return fd
+
+
 def read_through(
     runner: Exec, container: str, command: list[str], user: str, fifo: Path, sink: Callable[[bytes], Any]
 ) -> Result:
     """Run command, which writes the FIFO, and pass what it writes to sink."""
     running = _Command(runner, container, command, user, fifo, read_end=True)
+    fd = _open_end(running, os.O_RDONLY)
     try:
-        fd = os.open(fifo, os.O_RDONLY)
-    except BaseException:
-        running.kill()
-        raise
-    running.opened.set()
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
         while chunk := os.read(fd, CHUNK):
             sink(chunk)
     except BaseException:
@@ -179,16 +185,9 @@ def write_through(runner: Exec, container: str, command: list[str], user: str, f
     end of its input, and the exception propagates once it has ended.
     """
     running = _Command(runner, container, command, user, fifo, read_end=False)
-    try:
-        fd = os.open(fifo, os.O_WRONLY)
-    except BaseException:
-        running.kill()
-        raise
-    running.opened.set()
+    fd = _open_end(running, os.O_WRONLY)
     failure: BaseException | None = None
     try:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
         while chunk := source.read(CHUNK):
             view = memoryview(chunk)
             while view:
