@@ -303,7 +303,7 @@ class Demo:
             f"  node B  {'restore':<17} set {restore_end['set_id']}  {byte_count(restore_start['bytes'])}"
             f"  {restore_end['seconds']} s"
         )
-        for event in named(events_b, "directory.end"):
+        for event in named(events_b, "directory.staged"):
             directory = Path(event["directory"]).relative_to(REPO)
             size = byte_count(event["bytes"])
             print(f"            directory {directory}: {event['files']} files, {size}, {event['seconds']} s")

@@ -237,6 +237,7 @@ class MetadataStub:
     def __init__(self, instance_id: str, drop_first: int = 0, credentials_ttl: float | None = None):
         self.instance_id = instance_id
         self.token = secrets.token_hex(16)
+        SERVED_SECRETS.add(self.token)  # the IMDSv2 session token is a credential too
         self.requests = 0
         self.drops_left = drop_first
         self.dropped = 0

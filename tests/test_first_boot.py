@@ -376,6 +376,10 @@ def test_replaced_node_backup_refused(make_node: Any, moto_server: Any, s3: Any,
     assert "i-0bbbbbbbbbbbbbbbb holds the writer lease" in failure["error"]
     assert manifest_keys(s3, bucket) == keys_before
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    # The refused set's artifacts were deleted too: every object under sets/ belongs to a manifest.
+    complete = {key.rsplit("/", 1)[1].removesuffix(".json") for key in keys_before}
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="dtr/test/sets/").get("Contents", [])
+    assert {item["Key"].split("/")[3] for item in listing} <= complete
 
 
 @pytest.mark.parametrize("on_bad_set", ["stop", "restore_older"])
