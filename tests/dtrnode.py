@@ -397,3 +397,36 @@ def table_owners() -> dict[str, str]:
             None, "select tablename, tableowner from pg_tables where schemaname = 'public'", "dtr"
         ).splitlines()
     )
+
+
+# Helpers the end-to-end test files share
+
+
+def node_with_data(make_node: Any, instance_id: str = "i-0aaaaaaaaaaaaaaaa", **options: Any) -> DtrNode:
+    """Create a node with DTR installed and DTR-like data in both directories and the database."""
+    node: DtrNode = make_node(instance_id, **options)
+    node.install()
+    node.seed()
+    return node
+
+
+def backup_once(node: DtrNode) -> str:
+    """Run `dtrguard backup` and return the new set id."""
+    result = node.command("backup")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def manifest_keys(s3: Any, bucket: str) -> list[str]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="dtr/test/manifests/")
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def set_objects(s3: Any, bucket: str, set_id: str) -> list[str]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"dtr/test/sets/{set_id}/")
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def events_of(output: str) -> list[dict[str, Any]]:
+    """Parse the JSON event lines of a command's output."""
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]

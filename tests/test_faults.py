@@ -19,7 +19,7 @@ import pytest
 from dtrguard import config
 from dtrguard.errors import ConfigError
 
-from dtrnode import DtrNode, sql, table_contents
+from dtrnode import DtrNode, backup_once, manifest_keys, node_with_data, set_objects, sql, table_contents
 from servers import MetadataStub, MotoServer, Relay
 
 pytestmark = pytest.mark.docker
@@ -33,13 +33,6 @@ OTHER_CREDENTIALS = (
 )  # fmt: skip
 
 
-def node_with_data(make_node: Any, instance_id: str = "i-0aaaaaaaaaaaaaaaa", **options: Any) -> DtrNode:
-    node: DtrNode = make_node(instance_id, **options)
-    node.install()
-    node.seed()
-    return node
-
-
 def fill_database(rows: int) -> None:
     """Add rows of random text (1 KiB each) to the dtr database, so its dump spans several 5 MiB parts."""
     sql(None, "create table layers (id serial primary key, body text)", database="dtr")
@@ -49,22 +42,6 @@ def fill_database(rows: int) -> None:
         f" from generate_series(1, 32) i) from generate_series(1, {rows}) g",
         database="dtr",
     )
-
-
-def backup_once(node: DtrNode) -> str:
-    result = node.command("backup")
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-def manifest_keys(s3: Any, bucket: str) -> list[str]:
-    listing = s3.list_objects_v2(Bucket=bucket, Prefix="dtr/test/manifests/")
-    return sorted(item["Key"] for item in listing.get("Contents", []))
-
-
-def set_objects(s3: Any, bucket: str, set_id: str) -> list[str]:
-    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"dtr/test/sets/{set_id}/")
-    return sorted(item["Key"] for item in listing.get("Contents", []))
 
 
 def open_uploads(s3: Any, bucket: str) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import dtrnode
-from dtrnode import REPO, DtrNode, assert_no_secret, tree
+from dtrnode import REPO, DtrNode, assert_no_secret, events_of, node_with_data, tree
 
 pytestmark = pytest.mark.docker
 
@@ -80,17 +80,6 @@ def changing_fdopen(descriptor, *args, **kwargs):
 os.open, os.fdopen = recording_open, changing_fdopen
 sys.exit(main(sys.argv[2:]))
 """
-
-
-def node_with_data(make_node: Any, instance_id: str = "i-0aaaaaaaaaaaaaaaa") -> DtrNode:
-    node: DtrNode = make_node(instance_id)
-    node.install()
-    node.seed()
-    return node
-
-
-def events_of(output: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
 
 def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

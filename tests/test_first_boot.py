@@ -20,39 +20,23 @@ from dtrguard.errors import EXIT_REFUSED
 from dtrguard.manifest import parse
 from dtrguard.repository import Repository
 
-from dtrnode import DtrNode, container_exec, sql, table_contents, tree
+from dtrnode import (
+    DtrNode,
+    backup_once,
+    container_exec,
+    events_of,
+    manifest_keys,
+    node_with_data,
+    set_objects,
+    sql,
+    table_contents,
+    tree,
+)
 from servers import Relay
 
 pytestmark = pytest.mark.docker
 
 PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
-
-
-def node_with_data(make_node: Any, instance_id: str = "i-0aaaaaaaaaaaaaaaa", **options: Any) -> DtrNode:
-    node: DtrNode = make_node(instance_id, **options)
-    node.install()
-    node.seed()
-    return node
-
-
-def backup_once(node: DtrNode) -> str:
-    result = node.command("backup")
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-def manifest_keys(s3: Any, bucket: str) -> list[str]:
-    listing = s3.list_objects_v2(Bucket=bucket, Prefix="dtr/test/manifests/")
-    return sorted(item["Key"] for item in listing.get("Contents", []))
-
-
-def set_objects(s3: Any, bucket: str, set_id: str) -> list[str]:
-    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"dtr/test/sets/{set_id}/")
-    return [item["Key"] for item in listing.get("Contents", [])]
-
-
-def events_of(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
 def test_restart_does_not_restore(make_node: Any) -> None:

@@ -18,7 +18,20 @@ from typing import Any
 import pytest
 from docker.errors import APIError, NotFound
 
-from dtrnode import CONTAINERS, Daemon, DtrNode, client, remove_containers, sql, table_contents, tree
+from dtrnode import (
+    CONTAINERS,
+    Daemon,
+    DtrNode,
+    backup_once,
+    client,
+    events_of,
+    node_with_data,
+    remove_containers,
+    set_objects,
+    sql,
+    table_contents,
+    tree,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -31,37 +44,15 @@ NODE_B = "i-0bbbbbbbbbbbbbbbb"
 # Helpers
 
 
-def node_with_data(make_node: Any, instance_id: str = NODE_A, **options: Any) -> DtrNode:
-    node: DtrNode = make_node(instance_id, **options)
-    node.install()
-    node.seed()
-    return node
-
-
-def backup_once(node: DtrNode) -> str:
-    result = node.command("backup")
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def manifest_ids(s3: Any, bucket: str) -> list[str]:
     listing = s3.list_objects_v2(Bucket=bucket, Prefix="dtr/test/manifests/")
     return sorted(item["Key"].rsplit("/", 1)[1].removesuffix(".json") for item in listing.get("Contents", []))
-
-
-def set_objects(s3: Any, bucket: str, set_id: str) -> list[str]:
-    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"dtr/test/sets/{set_id}/")
-    return sorted(item["Key"] for item in listing.get("Contents", []))
 
 
 def read_manifest(s3: Any, bucket: str, set_id: str) -> dict[str, Any]:
     body = s3.get_object(Bucket=bucket, Key=f"dtr/test/manifests/{set_id}.json")["Body"].read()
     manifest: dict[str, Any] = json.loads(body)
     return manifest
-
-
-def events_of(output: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
 
 def errors_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
