@@ -113,13 +113,17 @@ class Dtr:
                 )
             time.sleep(1)
 
-    def install(self, version: str | None) -> None:
-        """Run the configured install command, with {version} replaced by DTR's version."""
+    def check_install(self, version: str | None) -> None:
+        """Raise when the install command needs a version and the set records none."""
         if any("{version}" in arg for arg in self.settings.install_command) and not version:
             raise DtrguardError(
                 "the backup set records no DTR version, so the install command cannot be pinned",
                 hint="set [dtr].install_command to a command with an explicit version",
             )
+
+    def install(self, version: str | None) -> None:
+        """Run the configured install command, with {version} replaced by DTR's version."""
+        self.check_install(version)
         command = [arg.replace("{version}", version or "") for arg in self.settings.install_command]
         _log.info("dtr.install.start", command=command)
         started = time.monotonic()

@@ -72,6 +72,8 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     clock = time.monotonic()
     _log.info("restore.start", set_id=set_id, bytes=manifest.total_size(), instance_id=manifest.instance_id)
     check_free_space(node, manifest)
+    if not node.dtr.containers():
+        node.dtr.check_install(manifest.dtr_version)  # an install that cannot run fails before any change
     postgres = node.dtr.postgres()
     if postgres is not None and postgres.status == "running":
         check_postgres_version(node, manifest)

@@ -399,3 +399,21 @@ def test_changed_byte_refuses_set(make_node: Any, s3: Any, bucket: str, on_bad_s
     assert key in rejected[0]["error"]
     assert table_contents() == older_tables
     assert daemon.stop() == 0
+
+
+def test_set_without_dtr_version_refused_before_change(make_node: Any, moto_server: Any, s3: Any, bucket: str) -> None:
+    node_a = node_with_data(make_node)
+    good = backup_once(node_a)
+    repository = Repository(S3Settings(bucket=bucket, prefix="dtr/test", endpoint_url=moto_server.url))
+    manifest = parse(s3.get_object(Bucket=bucket, Key=repository.manifest_key(good))["Body"].read(), "m")
+    unversioned = dataclasses.replace(manifest, set_id="29990101T000000Z-0000000d", dtr_version=None)
+    repository.put_manifest(unversioned)
+    node_a.destroy()
+
+    # A node without DTR's containers would have to install DTR, with no version to pin it to.
+    node_b: DtrNode = make_node("i-0bbbbbbbbbbbbbbbb")
+    result = node_b.command("restore", unversioned.set_id)
+    assert result.returncode == 1
+    assert "records no DTR version" in result.stderr
+    assert not node_b.etc.exists() or not any(node_b.etc.iterdir())
+    assert not node_b.var.exists() or not any(node_b.var.iterdir())
