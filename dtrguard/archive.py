@@ -539,7 +539,7 @@ class SwapJournal:
         self.write(set_id, "extracting")
 
     def discard(self) -> None:
-        """Remove a staging that was never swapped in: the work dir, while the journal says "extracting"."""
+        """Remove a staging that was never swapped in: the work dir, while the journal records "extracting"."""
         journal = self.read()
         if journal is None or journal.get("phase") == "extracting":
             shutil.rmtree(self.work, ignore_errors=True)

@@ -228,7 +228,7 @@ class KeyService:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("InvalidCiphertextException", "IncorrectKeyException"):
                 raise IntegrityError(
-                    f"KMS refused the wrapped data key of set {set_id} ({code})",
+                    f"KMS rejected the wrapped data key of set {set_id} ({code})",
                     hint="the manifest's encryption block was changed, or belongs to another set; restore another set",
                 ) from None
             raise _kms_error(f"KMS Decrypt of the data key of set {set_id}", exc, envelope.kms_key_id) from None

@@ -16,7 +16,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any, cast
 
 import boto3
 import zstandard
@@ -30,12 +30,6 @@ from dtrguard.errors import Aborted, IntegrityError, RepositoryUnavailable
 from dtrguard.manifest import Artifact, Manifest, parse
 
 _log = log.get("repository")
-
-
-class Flag(Protocol):
-    """Anything with is_set(), such as threading.Event."""
-
-    def is_set(self) -> bool: ...
 
 
 DOWNLOAD_CHUNK = 1024 * 1024
@@ -244,7 +238,7 @@ class Repository:
     def verify(
         self,
         artifact: Artifact,
-        cancel: Flag | None = None,
+        cancel: threading.Event | None = None,
         on_bytes: Callable[[int], None] | None = None,
         data_key: DataKey | None = None,
     ) -> None:

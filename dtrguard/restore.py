@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dtrguard import log
 from dtrguard.archive import SwapJournal, excluded_paths, extract_archive, root_attributes
+from dtrguard.cancel import ChildEvent
 from dtrguard.config import DirectorySettings
 from dtrguard.errors import Aborted, DtrguardError, IntegrityError, RefusedError
 from dtrguard.manifest import Artifact, Manifest, major_key
@@ -78,9 +79,9 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     if postgres is not None and postgres.status == "running":
         check_postgres_version(node, manifest)
 
-    # A swap that an earlier run left unfinished changes live files, so it runs with DTR stopped;
-    # otherwise DTR keeps running while the set is checked and staged, and stops only for the swap.
-    stopped = any(_pending_swap(directory.path) for directory in node.settings.directories)
+    # A swap that an earlier run left unfinished changes live files, so it runs with DTR stopped.
+    # Otherwise DTR keeps running while the set is checked and staged, and stops only for the swap.
+    stopped = any(_pending_swap(directory.path) is not None for directory in node.settings.directories)
     if stopped:
         node.dtr.stop_all_but_postgres()
     try:
@@ -112,20 +113,12 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     _log.info("restore.end", set_id=set_id, bytes=manifest.total_size(), seconds=round(time.monotonic() - clock, 2))
 
 
-def _pending_swap(path: Path) -> bool:
+def _pending_swap(path: Path) -> str | None:
+    """Return the set id of a swap that an earlier run left unfinished in path, or None."""
     journal = SwapJournal(path).read()
-    return journal is not None and journal.get("phase") != "extracting"
-
-
-class _Either:
-    """Set when either of two events is: the caller's cancel, or a failure in the other worker."""
-
-    def __init__(self, first: threading.Event, second: threading.Event):
-        self.first = first
-        self.second = second
-
-    def is_set(self) -> bool:
-        return self.first.is_set() or self.second.is_set()
+    if journal is None or journal.get("phase") == "extracting":
+        return None
+    return str(journal.get("set_id"))
 
 
 def _verify_and_stage(node: Node, manifest: Manifest, cancel: threading.Event, progress: Progress) -> list[Staged]:
@@ -134,8 +127,7 @@ def _verify_and_stage(node: Node, manifest: Manifest, cancel: threading.Event, p
     The first failure stops the other side at its next chunk, and is the one raised.
     """
     data_key = node.repository.data_key(manifest)  # an encrypted set's key is unwrapped before any change
-    failed = threading.Event()
-    stop = _Either(cancel, failed)
+    stop = ChildEvent(cancel)  # also set by the first worker that fails, to stop the other
 
     def on_bytes(count: int) -> None:
         progress.add(count)
@@ -148,7 +140,7 @@ def _verify_and_stage(node: Node, manifest: Manifest, cancel: threading.Event, p
                 if artifact.kind in ("globals", "database"):
                     node.repository.verify(artifact, stop, on_bytes, data_key)
         except BaseException:
-            failed.set()
+            stop.set()
             raise
 
     progress.phase = "checking the dumps and staging the directories"
@@ -161,7 +153,7 @@ def _verify_and_stage(node: Node, manifest: Manifest, cancel: threading.Event, p
                 _checkpoint(cancel, manifest.set_id)
                 staged.append(stage_directory(node, manifest, directory, on_bytes))
         except BaseException as exc:
-            failed.set()
+            stop.set()
             staging_error = exc
         dumps_error = dumps.exception()
     errors = [e for e in (staging_error, dumps_error) if e is not None]
@@ -195,20 +187,20 @@ def _artifact(manifest: Manifest, kind: str, source: str) -> Artifact:
 
 
 def check_free_space(node: Node, manifest: Manifest) -> None:
-    """Refuse, before any change, a restore whose directories cannot be staged beside the old contents.
+    """Reject, before any change, a restore whose directories cannot be staged beside the old contents.
 
-    Staging holds the new contents while the old ones stay, so each file system needs about the
+    Staging keeps the new contents while the old ones stay, so each file system needs about the
     archives' size free. A directory whose swap of this same set is already under way needs none.
     """
-    needed: dict[int, tuple[int, list[str], Path]] = {}
+    needed: dict[int, tuple[int, list[str], Path]] = {}  # per file system: bytes, directories, a path on it
     for directory in node.settings.directories:
-        pending = SwapJournal(directory.path).read()
-        if pending and pending.get("phase") != "extracting" and pending.get("set_id") == manifest.set_id:
+        if _pending_swap(directory.path) == manifest.set_id:
             continue
         probe = _existing_ancestor(directory.path)
-        size, paths, _ = needed.get(probe.stat().st_dev, (0, [], probe))
-        needed[probe.stat().st_dev] = (size + _artifact(manifest, "directory", str(directory.path)).raw_size,
-                                       [*paths, str(directory.path)], probe)  # fmt: skip
+        device = probe.stat().st_dev
+        size, paths, _ = needed.get(device, (0, [], probe))
+        raw_size = _artifact(manifest, "directory", str(directory.path)).raw_size
+        needed[device] = (size + raw_size, [*paths, str(directory.path)], probe)
     for size, paths, probe in needed.values():
         usage = shutil.disk_usage(probe)
         # A file system that reports no size at all (ramfs) has no limit to check against.

@@ -30,6 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dtrguard import lease, log, retention, state
 from dtrguard.backup import take_backup
+from dtrguard.cancel import ChildEvent
 from dtrguard.config import Settings
 from dtrguard.errors import (
     Aborted,
@@ -60,22 +61,21 @@ class DeadlinePassed(BotoCoreError):  # type: ignore[misc]  # botocore has no ty
     fmt = "request not sent: the backup passed schedule.backup_timeout"
 
 
-class RunCancel(threading.Event):
+class RunCancel(ChildEvent):
     """A backup's cancel flag: set once the process is asked to stop (parent) or the run passes its deadline.
 
-    Only is_set() sees the parent and the deadline (a time.monotonic() value). wait() does not.
+    Only is_set() consults the parent and the deadline (a time.monotonic() value). wait() does not.
     """
 
     def __init__(self, parent: threading.Event, deadline: float):
-        super().__init__()
-        self.parent = parent
+        super().__init__(parent)
         self.deadline = deadline
 
     def expired(self) -> bool:
         return time.monotonic() >= self.deadline
 
     def is_set(self) -> bool:
-        return super().is_set() or self.parent.is_set() or self.expired()
+        return super().is_set() or self.expired()
 
 
 class Agent:

@@ -34,7 +34,7 @@ class LastBackup:
 
 @dataclass
 class Leftovers:
-    """What a failed backup could not remove from S3 because S3 did not respond at the time.
+    """The uploads and artifacts a failed backup could not remove from S3, because S3 did not respond.
 
     The next backup removes these before it starts. Without this record, pruning would find
     them only once they are older than retention.orphan_grace. A run killed outright (SIGKILL,

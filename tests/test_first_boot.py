@@ -385,10 +385,12 @@ def test_changed_byte_refuses_set(make_node: Any, s3: Any, bucket: str, on_bad_s
     if on_bad_set == "stop":
         assert daemon.wait_exit() == EXIT_REFUSED
         failure = daemon.named("command.failed")[0]
-        assert key in failure["error"] and "sha256" in failure["error"]
+        assert key in failure["error"]
+        assert "sha256" in failure["error"]
         assert older in failure["hint"]
         assert daemon.named("restore.end") == []
-        assert not any(node_b.etc.iterdir()) and not any(node_b.var.iterdir())
+        assert not any(node_b.etc.iterdir())
+        assert not any(node_b.var.iterdir())
         status = json.loads(node_b.command("status", "--json").stdout)
         assert key in status["last_error"]
         return

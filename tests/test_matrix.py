@@ -263,7 +263,7 @@ def test_full_disk_keeps_old_contents(make_node: Any, s3: Any, bucket: str, shor
         node_b.install()
         write_stale_var(node_b.var, files=100)
         if short_of == "bytes":
-            # The archive does not fit: dtrguard sees that before it stops DTR or downloads anything.
+            # The archive does not fit: dtrguard finds that out before it stops DTR or downloads anything.
             shrink_to_headroom(node_b.var)
             assert var_raw_size > free_bytes(node_b.var)
         else:

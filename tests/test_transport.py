@@ -131,7 +131,7 @@ def test_stale_fifo_removed(postgres: Postgres, tmp_path: Path) -> None:
 
 
 def test_mount_invisible_to_container_falls_back(postgres: Postgres, tmp_path: Path) -> None:
-    """A mount source that exists on this host but is not what the container sees is never used."""
+    """A mount source that exists on this host but is not the container's directory is never used."""
     if not (tmp_path / "pgdata").exists():
         pytest.skip("needs a mount")
     impostor = tmp_path / "impostor"
