@@ -1,7 +1,9 @@
 """Take one backup set: every directory, the roles and every database, then the manifest.
 
-The manifest goes up last, so a failure at any step leaves no set: the artifacts already
-uploaded for it are deleted and earlier sets are never touched.
+The directories are archived in one thread while the roles and databases are dumped in
+another, so the dump, which waits on Postgres, overlaps the archiving, which waits on the
+disk and on zstd. The manifest goes up last, so a failure at any step leaves no set: the
+artifacts already uploaded for it are deleted and earlier sets are never touched.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import functools
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dtrguard import __version__, lease, log
 from dtrguard.archive import write_archive
+from dtrguard.cancel import ChildEvent
 from dtrguard.crypto import DataKey
+from dtrguard.errors import Aborted
 from dtrguard.manifest import Artifact, Manifest, new_set_id, utc_now
 from dtrguard.node import Node
 from dtrguard.postgres import Postgres
@@ -74,17 +79,22 @@ def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader,
     databases = pg.databases()
     row_counts = {name: pg.row_counts(name) for name in databases}
 
-    artifacts: list[Artifact] = []
-    for directory in node.settings.directories:
-        produce = functools.partial(_archive, directory.path, node.excludes(directory))
-        artifacts.append(uploader.upload(f"{directory.name}.tar.zst", "directory", str(directory.path), produce))
+    def archive_directories() -> list[Artifact]:
+        found = []
+        for directory in node.settings.directories:
+            produce = functools.partial(_archive, directory.path, node.excludes(directory))
+            found.append(uploader.upload(f"{directory.name}.tar.zst", "directory", str(directory.path), produce))
+        return found
 
-    artifacts.append(uploader.upload("globals.sql.zst", "globals", "", lambda out: pg.dump_globals(out.write)))
-    for name, owner in databases.items():
-        produce = functools.partial(_dump, pg, name)
-        artifact = uploader.upload(f"db-{name}.dump.zst", "database", name, produce)
-        artifacts.append(dataclasses.replace(artifact, owner=owner))
+    def dump_databases() -> list[Artifact]:
+        found = [uploader.upload("globals.sql.zst", "globals", "", lambda out: pg.dump_globals(out.write))]
+        for name, owner in databases.items():
+            artifact = uploader.upload(f"db-{name}.dump.zst", "database", name, functools.partial(_dump, pg, name))
+            found.append(dataclasses.replace(artifact, owner=owner))
+        return found
 
+    directories, dumps = _both(archive_directories, dump_databases, uploader.stop)
+    artifacts = [*directories, *dumps]
     manifest = Manifest(
         set_id=uploader.set_id,
         started_at=started_at,
@@ -107,6 +117,35 @@ def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader,
     return manifest
 
 
+def _both(
+    first: Callable[[], list[Artifact]], second: Callable[[], list[Artifact]], stop: threading.Event
+) -> tuple[list[Artifact], list[Artifact]]:
+    """Run first in a thread and second in this one; the first to fail sets stop, which ends the other.
+
+    The error raised is the failure itself, not the Aborted of the side it stopped.
+    """
+
+    def guarded(work: Callable[[], list[Artifact]]) -> list[Artifact]:
+        try:
+            return work()
+        except BaseException:
+            stop.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive") as pool:
+        future = pool.submit(guarded, first)
+        second_error: BaseException | None = None
+        try:
+            second_result = guarded(second)
+        except BaseException as exc:
+            second_error = exc
+        first_error = future.exception()
+    errors = [e for e in (first_error, second_error) if e is not None]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
+    return future.result(), second_result
+
+
 def _archive(path: Path, excludes: list[str], out: ArtifactUpload) -> None:
     stats = write_archive(path, excludes, out)
     if stats.skipped:
@@ -125,13 +164,13 @@ class _SetUploader:
     ):
         self.repository = node.repository
         self.set_id = set_id
-        self.cancel = cancel
+        self.stop = ChildEvent(cancel)  # set by a failing side of the set, or with cancel
         self.data_key = data_key
         self.uploaded: list[str] = []
         self.leftovers = leftovers  # what S3 did not let this set's clean-up remove
 
     def upload(self, name: str, kind: str, source: str, produce: Callable[[ArtifactUpload], object]) -> Artifact:
-        upload = self.repository.upload(self.set_id, name, self.cancel, self.data_key)
+        upload = self.repository.upload(self.set_id, name, self.stop, self.data_key)
         clock = time.monotonic()
         _log.info("artifact.start", set_id=self.set_id, artifact=name)
         try:
