@@ -1,15 +1,21 @@
 """DTR's Postgres, reached only through `docker exec`, never by a container address.
 
-Dumps use pg_dump's custom format without its own compression (zstd compresses the stream);
-restores run pg_restore with --clean --if-exists --single-transaction, so a restore is all or
-nothing and running it again gives the same rows, not duplicates. A dump or a database restore
-passes its bytes through a FIFO in a mount the container shares with the host when there is
-one (see dtrguard.fifo), and through the exec stream otherwise.
+Dumps use pg_dump's custom format without its own compression (zstd compresses the stream).
+A restore goes one of two ways, both all or nothing:
+
+- beside the live database: pg_restore fills a new database named after it (side_name) while
+  DTR still runs, and swap_in() later renames it into place in one transaction;
+- in place: pg_restore runs with --clean --if-exists --single-transaction, so running it again
+  gives the same rows, not duplicates.
+
+A dump or a database restore passes its bytes through a FIFO in a mount the container shares
+with the host when there is one (see dtrguard.fifo), and through the exec stream otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import re
 import time
@@ -34,6 +40,18 @@ where table_type = 'BASE TABLE' and table_schema not in ('pg_catalog', 'informat
 order by 1
 """
 _CREATE_ROLE = re.compile(rb"^CREATE ROLE (.+);$", re.MULTILINE)
+# Databases a restore fills beside the live ones (new) and the live ones it replaced (old).
+_SIDE_KINDS = ("new", "old")
+_SIDE_PATTERN = re.compile(r"^dtrguard_(new|old)_[0-9a-f]{16}$")
+
+
+def side_name(database: str, kind: str) -> str:
+    """Return the name of the database a restore fills beside database (new) or moves it to (old).
+
+    A hash keeps the name within Postgres's 63 bytes whatever the database is called.
+    """
+    assert kind in _SIDE_KINDS
+    return f"dtrguard_{kind}_{hashlib.sha256(database.encode()).hexdigest()[:16]}"
 
 
 class Postgres:
@@ -81,12 +99,15 @@ class Postgres:
         )
 
     def databases(self) -> dict[str, str]:
-        """Return every non-template database that accepts connections, with its owner."""
+        """Return every non-template database that accepts connections, with its owner.
+
+        A restore's side databases are left out: they are never backed up.
+        """
         rows = self.query(
             "select datname, pg_get_userbyid(datdba) from pg_database"
             " where not datistemplate and datallowconn order by 1"
         )
-        return {name: owner for name, owner in rows}
+        return {name: owner for name, owner in rows if not _SIDE_PATTERN.match(name)}
 
     def row_counts(self, database: str) -> dict[str, int]:
         return {table: int(count) for table, count in self.query(_ROW_COUNTS_SQL, database)}
@@ -123,12 +144,80 @@ class Postgres:
 
     def restore_globals(self, source: IO[bytes]) -> None:
         """Apply a globals dump in one transaction; roles that already exist are altered, not recreated."""
-        sql = _CREATE_ROLE.sub(
-            rb"DO $dtrguard$BEGIN CREATE ROLE \1; EXCEPTION WHEN duplicate_object THEN NULL; END$dtrguard$;",
-            source.read(),
-        )
+        self.apply_globals(source.read())
+
+    def apply_globals(self, dump: bytes, create_only: bool = False) -> None:
+        """Apply a globals dump (pg_dumpall --globals-only) in one transaction.
+
+        Roles that already exist are altered, not recreated. With create_only, only the missing
+        roles are created, with no attributes, password or membership: enough to own the objects
+        of a database restored beside the live one, and nothing that changes what a live role can do.
+        """
+        guarded = rb"DO $dtrguard$BEGIN CREATE ROLE \1; EXCEPTION WHEN duplicate_object THEN NULL; END$dtrguard$;"
+        if create_only:
+            sql = b"\n".join(_CREATE_ROLE.sub(guarded, m.group(0)) for m in _CREATE_ROLE.finditer(dump))
+        else:
+            sql = _CREATE_ROLE.sub(guarded, dump)
         command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-U", self.settings.user]
         _run_input(self.exec, self.container, [*command, "-d", "postgres"], io.BytesIO(sql), "restore of roles")
+
+    def drop_side_databases(self) -> list[str]:
+        """Drop the side databases an earlier restore left (killed, or failed); return their names."""
+        rows = self.query("select datname from pg_database where datname like 'dtrguard\\_%'")
+        names = [row[0] for row in rows if _SIDE_PATTERN.match(row[0])]
+        for name in names:
+            self._terminate([name])
+            self._psql(f"drop database if exists {_ident(name)}", "template1").check(f"drop database {name}")
+        return names
+
+    def restore_beside(self, database: str, owner: str, source: IO[bytes]) -> str:
+        """Restore a custom-format dump into a new database beside database; return its name.
+
+        The live database is not touched. On failure the new database is dropped again.
+        """
+        side = side_name(database, "new")
+        self._psql(f"drop database if exists {_ident(side)}", "template1").check(f"drop database {side}")
+        create = f"create database {_ident(side)} owner {_ident(owner)} template template0"
+        self._psql(create, "template1").check(f"create database {side}")
+        try:
+            self.restore_database(side, source, clean=False)
+        except BaseException as exc:
+            with contextlib.suppress(DtrguardError):
+                self._psql(f"drop database if exists {_ident(side)}", "template1").check(f"drop database {side}")
+            if isinstance(exc, CommandError) and exc.hint is None:
+                exc.hint = (
+                    f"database {database} was not changed; the restore fills a second copy of it beside"
+                    f" the live one, so Postgres's data directory needs room for both"
+                )
+            raise
+        return side
+
+    def swap_in(self, databases: list[str]) -> None:
+        """Rename each database's restored side database into its place, all in one transaction.
+
+        The databases they replace are renamed aside in the same transaction and dropped after it.
+        Sessions still connected to either are ended first: DTR is stopped by then, so they are
+        leftovers, and a rename waits for none.
+        """
+        existing = {row[0] for row in self.query("select datname from pg_database")}
+        statements = []
+        for database in databases:
+            if database in existing:
+                statements.append(f"alter database {_ident(database)} rename to {_ident(side_name(database, 'old'))};")
+            statements.append(f"alter database {_ident(side_name(database, 'new'))} rename to {_ident(database)};")
+        self._terminate([*databases, *(side_name(d, "new") for d in databases)])
+        sql = "\n".join(statements).encode()
+        command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-U", self.settings.user]
+        _run_input(self.exec, self.container, [*command, "-d", "template1"], io.BytesIO(sql), "swap of databases")
+        for database in databases:
+            if database in existing:
+                old = side_name(database, "old")
+                self._psql(f"drop database if exists {_ident(old)}", "template1").check(f"drop database {old}")
+
+    def _terminate(self, databases: list[str]) -> None:
+        names = ", ".join(_literal(name) for name in databases)
+        sql = f"select pg_terminate_backend(pid) from pg_stat_activity where datname in ({names})"
+        self.query(f"{sql} and pid <> pg_backend_pid()", "template1")
 
     def ensure_database(self, database: str, owner: str) -> None:
         """Create the database if it is missing, and give it its recorded owner."""
@@ -136,10 +225,13 @@ class Postgres:
             self._psql(f"create database {_ident(database)} template template0").check(f"create database {database}")
         self._psql(f"alter database {_ident(database)} owner to {_ident(owner)}").check(f"alter owner of {database}")
 
-    def restore_database(self, database: str, source: IO[bytes]) -> None:
-        """Restore a custom-format dump into database, all or nothing."""
+    def restore_database(self, database: str, source: IO[bytes], clean: bool = True) -> None:
+        """Restore a custom-format dump into database, all or nothing.
+
+        With clean, objects that exist are dropped first; an empty new database needs no clean.
+        """
         command = [
-            "pg_restore", "--clean", "--if-exists", "--single-transaction", "--exit-on-error",
+            "pg_restore", *(["--clean", "--if-exists"] if clean else []), "--single-transaction", "--exit-on-error",
             "-U", self.settings.user, "-d", database,
         ]  # fmt: skip
         what = f"pg_restore of database {database}"

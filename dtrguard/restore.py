@@ -1,13 +1,19 @@
 """Restore one backup set onto this node, in the order DTR needs.
 
-1. Check the set's Postgres major against the running server, if there is one.
-2. Download and verify the roles and database dumps, changing nothing.
-3. Stop DTR's containers except Postgres.
-4. Extract and verify each directory archive into staging; on failure start DTR again.
-5. Swap each staged directory in.
-6. Install DTR if its containers do not exist yet, and stop all but Postgres again.
-7. Wait for Postgres, check its major, restore the roles, then each database.
-8. Start DTR's containers in order and wait until they run.
+1. Check the set's Postgres major against the server, starting DTR's Postgres container if it
+   exists and is stopped.
+2. Check the set's contents without changing anything live, while DTR keeps running: extract
+   each directory archive into staging, and at the same time either restore each database into
+   a new database beside the live one (when DTR's Postgres container exists), or download and
+   verify the dumps (when DTR is not installed yet).
+3. Stop DTR's containers except Postgres and swap each staged directory in.
+4. Install DTR if its containers do not exist yet, and stop all but Postgres again.
+5. Wait for Postgres, check its major, apply the roles, then rename the restored databases into
+   place in one transaction, or, without them, restore each database in place.
+6. Start DTR's containers in order and wait until they run.
+
+A failure before step 3 changes nothing live: staging and the new databases are removed and
+DTR's containers started again.
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ class Progress:
 
     def __init__(self, manifest: Manifest):
         self.set_id = manifest.set_id
-        # Database dumps are downloaded twice: once to verify them, once to restore them.
-        dumps = sum(a.size for a in manifest.artifacts if a.kind in ("globals", "database"))
-        self.total = manifest.total_size() + dumps
+        self.dumps = sum(a.size for a in manifest.artifacts if a.kind in ("globals", "database"))
+        # A restore in place downloads the dumps twice: once to verify them, once to restore them.
+        self.total = manifest.total_size() + self.dumps
         self.done = 0
         self.phase = "directories"
+
+    def dumps_once(self) -> None:
+        """Count each dump once: a restore beside the live databases verifies while it restores."""
+        self.total -= self.dumps
+        self.dumps = 0
 
     def add(self, count: int) -> None:
         self.done += count
@@ -73,10 +84,15 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     clock = time.monotonic()
     _log.info("restore.start", set_id=set_id, bytes=manifest.total_size(), instance_id=manifest.instance_id)
     check_free_space(node, manifest)
+    # With DTR's Postgres container present, the databases are restored beside the live ones while
+    # the directories are staged. Without it (DTR not installed yet) they wait for the install.
     if not node.dtr.containers():
         node.dtr.check_install(manifest.dtr_version)  # an install that cannot run fails before any change
-    postgres = node.dtr.postgres()
-    if postgres is not None and postgres.status == "running":
+    beside = node.dtr.postgres() is not None
+    if beside:
+        progress.dumps_once()
+        node.dtr.start_postgres()
+        node.postgres.wait_ready()
         check_postgres_version(node, manifest)
 
     # A swap that an earlier run left unfinished changes live files, so it runs with DTR stopped.
@@ -85,10 +101,12 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     if stopped:
         node.dtr.stop_all_but_postgres()
     try:
-        staged = _verify_and_stage(node, manifest, cancel, progress)
+        staged, roles = _check_and_stage(node, manifest, cancel, progress, beside)
     except BaseException:
         for directory in node.settings.directories:
             SwapJournal(directory.path).discard()
+        if beside:
+            _drop_side_databases(node)
         if stopped:
             _restart_after_failure(node)
         raise
@@ -106,7 +124,13 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     check_postgres_version(node, manifest)
     _checkpoint(cancel, set_id)
     progress.phase = "database"
-    restore_database(node, manifest, progress)
+    if roles is not None:
+        node.postgres.apply_globals(roles)
+        databases = [a.source for a in manifest.artifacts if a.kind == "database"]
+        node.postgres.swap_in(databases)
+        _log.info("database.swapped", set_id=set_id, databases=databases)
+    else:
+        restore_database(node, manifest, progress)
 
     progress.phase = "starting DTR"
     node.dtr.start_all()
@@ -121,10 +145,15 @@ def _pending_swap(path: Path) -> str | None:
     return str(journal.get("set_id"))
 
 
-def _verify_and_stage(node: Node, manifest: Manifest, cancel: threading.Event, progress: Progress) -> list[Staged]:
-    """Download and check the dumps in one thread while the directories are staged in this one.
+def _check_and_stage(
+    node: Node, manifest: Manifest, cancel: threading.Event, progress: Progress, beside: bool
+) -> tuple[list[Staged], bytes | None]:
+    """Check the databases in one thread while the directories are staged in this one.
 
-    The first failure stops the other side at its next chunk, and is the one raised.
+    With beside, the databases are restored next to the live ones, which checks the dumps as
+    they are read, and the roles dump is returned; otherwise the dumps are downloaded and verified,
+    and None is returned for the roles. The first failure stops the other side at its next chunk,
+    and is the one raised.
     """
     data_key = node.repository.data_key(manifest)  # an encrypted set's key is unwrapped before any change
     stop = ChildEvent(cancel)  # also set by the first worker that fails, to stop the other
@@ -134,18 +163,42 @@ def _verify_and_stage(node: Node, manifest: Manifest, cancel: threading.Event, p
         if stop.is_set():
             raise Aborted(f"restore of set {manifest.set_id} stopped")
 
-    def verify_dumps() -> None:
+    def verify_dumps() -> bytes | None:
+        for artifact in manifest.artifacts:
+            if artifact.kind in ("globals", "database"):
+                node.repository.verify(artifact, stop, on_bytes, data_key)
+        return None
+
+    def restore_beside() -> bytes | None:
+        dropped = node.postgres.drop_side_databases()
+        if dropped:
+            _log.warning("database.leftover_dropped", databases=dropped)
+        with node.repository.open(_artifact(manifest, "globals", ""), on_bytes, data_key) as stream:
+            roles = stream.read()
+        node.postgres.apply_globals(roles, create_only=True)
+        clock = time.monotonic()
+        _log.info("database.start", set_id=manifest.set_id, beside=True)
+        for artifact in manifest.artifacts:
+            if artifact.kind == "database":
+                owner = artifact.owner or node.settings.postgres.user
+                with node.repository.open(artifact, on_bytes, data_key) as stream:
+                    side = node.postgres.restore_beside(artifact.source, owner, stream)
+                _log.info("database.restored", set_id=manifest.set_id, database=artifact.source, into=side,
+                          bytes=artifact.size)  # fmt: skip
+        _log.info("database.end", set_id=manifest.set_id, seconds=round(time.monotonic() - clock, 2))
+        return roles
+
+    def databases() -> bytes | None:
         try:
-            for artifact in manifest.artifacts:
-                if artifact.kind in ("globals", "database"):
-                    node.repository.verify(artifact, stop, on_bytes, data_key)
+            return restore_beside() if beside else verify_dumps()
         except BaseException:
             stop.set()
             raise
 
-    progress.phase = "checking the dumps and staging the directories"
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
-        dumps = pool.submit(verify_dumps)
+    progress.phase = "restoring the databases and staging the directories" if beside else (
+        "checking the dumps and staging the directories")  # fmt: skip
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="database") as pool:
+        checked = pool.submit(databases)
         staged: list[Staged] = []
         staging_error: BaseException | None = None
         try:
@@ -155,11 +208,19 @@ def _verify_and_stage(node: Node, manifest: Manifest, cancel: threading.Event, p
         except BaseException as exc:
             stop.set()
             staging_error = exc
-        dumps_error = dumps.exception()
-    errors = [e for e in (staging_error, dumps_error) if e is not None]
+        database_error = checked.exception()
+    errors = [e for e in (staging_error, database_error) if e is not None]
     if errors:  # the worker that failed first is the one whose error is not Aborted
         raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
-    return staged
+    return staged, checked.result()
+
+
+def _drop_side_databases(node: Node) -> None:
+    """Remove what a failed restore put beside the live databases; the live ones were never touched."""
+    try:
+        node.postgres.drop_side_databases()
+    except DtrguardError as exc:
+        _log.error("database.cleanup_failed", error=str(exc))
 
 
 def _restart_after_failure(node: Node) -> None:

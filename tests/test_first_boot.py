@@ -321,11 +321,13 @@ def test_database_restore_all_or_nothing(make_node: Any, moto_server: Any, s3: A
     result = node.command("restore", "29990101T000000Z-000000aa", "--force")
     assert result.returncode == 1
     assert "db-dtr.dump.zst" in result.stderr
-    assert table_contents() == with_marker  # rolled back: the marker row is still there
+    assert table_contents() == with_marker  # the live database was not touched: the marker row is still there
+    assert sql(None, "select count(*) from pg_database where datname like 'dtrguard%'") == "0"
 
     for _ in range(2):  # a second run gives the same rows, not duplicates
         result = node.command("restore", good, "--force")
         assert result.returncode == 0, result.stderr
+        assert "database.swapped" in result.stderr  # restored beside the live database, then renamed
         assert table_contents() == original
 
 

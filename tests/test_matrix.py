@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 import pytest
 from docker.errors import APIError, NotFound
 
+import dtrnode
 from dtrnode import (
     CONTAINERS,
+    RUNNING,
     Daemon,
     DtrNode,
     backup_once,
@@ -201,6 +204,45 @@ def test_kill_during_restore_resumes(make_node: Any, moment: str) -> None:
     status = status_of(node_b)
     assert status["restored_set"] == set_id
     assert status["restoring_set"] is None
+
+
+def side_databases() -> list[str]:
+    return sql(None, "select datname from pg_database where datname like 'dtrguard%' order by 1").split()
+
+
+def test_kill_during_restore_beside_keeps_live_database(make_node: Any) -> None:
+    """A restore onto a node with DTR installed fills a new database; killed there, the live one is untouched."""
+    node = node_with_data(make_node)
+    add_bulk(node, 0, BULK_TAGS)
+    set_id = backup_once(node)
+    restored_contents = table_contents()
+    sql(None, "insert into repositories (namespace, name) values ('marker', 'live')", database="dtr")
+    live_contents = table_contents()
+
+    argv = [sys.executable, "-m", "dtrguard", "--config", str(node.config_path), "restore", set_id, "--force"]
+    restore = Daemon(argv, dtrnode.test_env(node.env))
+    RUNNING.append(restore)
+
+    def restoring_beside() -> bool:
+        return any("pg_restore" in line and "-d dtrguard_new_" in line for line in running_commands(POSTGRES))
+
+    kill_when(restore, restoring_beside, "pg_restore into the new database", period=0.02)
+    deadline = time.monotonic() + 60
+    while any("pg_restore" in line for line in running_commands(POSTGRES)):
+        assert time.monotonic() < deadline, "pg_restore still runs 60 s after dtrguard was killed"
+        time.sleep(0.2)
+    assert table_contents() == live_contents  # the live database was never touched
+    left = side_databases()
+    assert len(left) == 1  # the new database stays until the next restore drops it
+
+    result = node.command("restore", set_id, "--force")
+    assert result.returncode == 0, result.stderr
+    events = events_of(result.stderr)
+    assert [e["databases"] for e in events if e.get("event") == "database.leftover_dropped"] == [left]
+    swapped = [e["databases"] for e in events if e.get("event") == "database.swapped"]
+    assert len(swapped) == 1 and "dtr" in swapped[0]
+    assert table_contents() == restored_contents
+    assert side_databases() == []
 
 
 # The restore target fills up
