@@ -5,20 +5,18 @@ Every container and process here is started by the benchmark and removed by it, 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import resource
 import shlex
-import signal
-import socket
 import subprocess
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from servers import MotoServer  # tests/servers.py; bench.py puts tests/ on sys.path
 
 PG_UID = 999
 START = time.monotonic()
@@ -39,12 +37,6 @@ def run(command: str, capture: bool = False, check: bool = True, env: dict[str, 
             f"command failed ({result.returncode}): {command}\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
         )
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -127,29 +119,12 @@ def table_checksums(container: Container, tables: list[str]) -> dict[str, str]:
     return result
 
 
-class Moto:
+class Moto(MotoServer):
     """moto's S3 server on 127.0.0.1; its access log (one line per request) is how requests are counted."""
 
     def __init__(self, python: str, log_path: Path):
-        self.python = python
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(python, log_path)
         self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [self.python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=self.log_file, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(self.url + "/moto-api/", timeout=1).close()
-                return
-            time.sleep(0.2)
-        raise RuntimeError("moto did not start")
 
     def log_offset(self) -> int:
         return self.log_path.stat().st_size
@@ -180,16 +155,6 @@ class Moto:
 
     def cpu_seconds(self) -> float:
         return process_cpu(self.process.pid) if self.process else 0.0
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        if self.process is not None:
-            self.log_file.close()
 
 
 # werkzeug's access log line; it colours some lines with ANSI escapes.

@@ -83,19 +83,31 @@ class DtrNode:
         self.root.mkdir(parents=True, exist_ok=True)
         id_file = self.root / "instance-id"
         id_file.write_text(self.instance_id + "\n")
-        source = "imds" if self.imds_url else f"file:{id_file}"
-        s3_defaults = {"connect_timeout": '"2s"', "read_timeout": '"20s"', "max_attempts": "2"}
-        s3_keys = tomllib.loads(self.s3_config)
-        s3_lines = "\n".join(f"{k} = {v}" for k, v in s3_defaults.items() if k not in s3_keys)
         install_command = [
             sys.executable, str(TESTS / "dtr_install.py"), "--version", "{version}",
             "--etc", str(self.etc), "--var", str(self.var), "--pg-data", str(self.pg_data),
         ]  # fmt: skip
-        self.config_path.write_text(
-            f"""
+        self.config_path.write_text(self.config_text(install_command, id_file=id_file, state_dir=self.state_dir))
+        return self.config_path
+
+    def config_text(
+        self,
+        install_command: list[str],
+        prefix: str = "dtr/test",
+        id_file: Path | None = None,
+        state_dir: Path | None = None,
+    ) -> str:
+        """Return a dtrguard config for this node. Without id_file the instance id comes from imds_url;
+        without state_dir, dtrguard's default state directory is used."""
+        source = f"file:{id_file}" if id_file is not None else "imds"
+        s3_defaults = {"connect_timeout": '"2s"', "read_timeout": '"20s"', "max_attempts": "2"}
+        s3_keys = tomllib.loads(self.s3_config)
+        s3_lines = "\n".join(f"{k} = {v}" for k, v in s3_defaults.items() if k not in s3_keys)
+        state_line = f'state_dir = "{state_dir}"' if state_dir is not None else ""
+        return f"""
 [s3]
 bucket = "{self.bucket}"
-prefix = "dtr/test"
+prefix = "{prefix}"
 endpoint_url = "{self.s3_url}"
 {s3_lines}
 {self.s3_config}
@@ -103,7 +115,7 @@ endpoint_url = "{self.s3_url}"
 [node]
 instance_id_source = "{source}"
 imds_endpoint = "{self.imds_url or "http://127.0.0.1:9"}"
-state_dir = "{self.state_dir}"
+{state_line}
 {self.node_config}
 
 [schedule]
@@ -128,8 +140,6 @@ start_timeout = "60s"
 stop_timeout = "5s"
 {self.extra_config}
 """
-        )
-        return self.config_path
 
     # Containers and data
 

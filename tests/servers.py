@@ -16,6 +16,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO
 
 
 def free_port() -> int:
@@ -25,18 +27,26 @@ def free_port() -> int:
 
 
 class MotoServer:
-    """moto's standalone server (`python -m moto.server`), serving the S3 API over HTTP."""
+    """moto's standalone server (`python -m moto.server`), serving the S3 API over HTTP.
 
-    def __init__(self) -> None:
+    With log_path, its stderr, where werkzeug logs one line per request, goes to that file.
+    """
+
+    def __init__(self, python: str = sys.executable, log_path: Path | None = None) -> None:
+        self.python = python
+        self.log_path = log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+        self.log_file: IO[bytes] | None = None
 
     def start(self) -> None:
+        if self.log_path is not None:
+            self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [self.python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=self.log_file or subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -47,9 +57,16 @@ class MotoServer:
         raise RuntimeError(f"moto server on {self.url} did not start within 30 s")
 
     def stop(self) -> None:
-        if self.process is not None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(10)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
 
 
 class Relay:

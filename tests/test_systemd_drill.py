@@ -14,6 +14,7 @@ node. The paths are not under pytest's tmp_path: dtrguard.service has PrivateTmp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -292,39 +293,8 @@ def node_files(node: DtrNode, imds_url: str, moto_url: str) -> dict[str, tuple[s
         "/opt/dtrguard/bin/python", f"{STANDIN_DIR}/dtr_install.py", "--version", "{version}",
         "--etc", str(node.etc), "--var", str(node.var), "--pg-data", str(node.pg_data),
     ]  # fmt: skip
-    config = f"""\
-[s3]
-bucket = "{node.bucket}"
-prefix = "dtr/systemd-drill"
-endpoint_url = "{moto_url}"
-connect_timeout = "2s"
-read_timeout = "20s"
-max_attempts = 2
-
-[node]
-instance_id_source = "imds"
-imds_endpoint = "{imds_url}"
-
-[schedule]
-interval = "{INTERVAL_SECONDS}s"
-misfire_grace = "30s"
-retry_initial_delay = "0.5s"
-retry_max_delay = "2s"
-
-[[directories]]
-path = "{node.etc}"
-name = "etc-dtr"
-
-[[directories]]
-path = "{node.var}"
-name = "var-dtr"
-exclude = ["logs"]
-
-[dtr]
-install_command = {json.dumps(install_command)}
-start_timeout = "60s"
-stop_timeout = "5s"
-"""
+    drill = dataclasses.replace(node, s3_url=moto_url, imds_url=imds_url, interval=f"{INTERVAL_SECONDS}s")
+    config = drill.config_text(install_command, prefix="dtr/systemd-drill")
     drop_in = f"""\
 [Service]
 # The drill's DTR directories: host paths, mounted at the same path in the node.
