@@ -302,7 +302,10 @@ class ArtifactUpload:
         self.compressor = zstandard.ZstdCompressor(level=3).compressobj()
         self.encryptor = encryptor
         self.sha256 = hashlib.sha256()
-        self.buffer = bytearray()
+        # The next part, as the pieces the compressor gave: joined once when the part is full, so a
+        # part is copied once, not sliced out of a growing buffer.
+        self.pending: list[bytes] = []
+        self.pending_size = 0
         self.raw_size = 0
         self.size = 0
         self.upload_id: str | None = None
@@ -325,11 +328,19 @@ class ArtifactUpload:
             return
         self.sha256.update(stored)
         self.size += len(stored)
-        self.buffer += stored
-        while len(self.buffer) >= self.part_size:
-            part = bytes(self.buffer[: self.part_size])
-            del self.buffer[: self.part_size]
-            self._upload_part(part)
+        while self.pending_size + len(stored) >= self.part_size:
+            cut = self.part_size - self.pending_size
+            self.pending.append(stored[:cut])
+            stored = stored[cut:]
+            self._upload_part(self._take_pending())
+        if stored:
+            self.pending.append(stored)
+            self.pending_size += len(stored)
+
+    def _take_pending(self) -> bytes:
+        part = b"".join(self.pending)
+        self.pending, self.pending_size = [], 0
+        return part
 
     def _upload_part(self, part: bytes) -> None:
         """Wait for the part in flight, then send this one in the background."""
@@ -380,12 +391,12 @@ class ArtifactUpload:
                 self.client.put_object(
                     Bucket=self.repository.bucket,
                     Key=self.key,
-                    Body=bytes(self.buffer),
+                    Body=self._take_pending(),
                     **self.repository._encryption(),
                 )
             else:
-                if self.buffer:
-                    self._upload_part(bytes(self.buffer))
+                if self.pending:
+                    self._upload_part(self._take_pending())
                 self._wait_in_flight()
                 self._stop_sender()
                 self.client.complete_multipart_upload(
@@ -396,7 +407,6 @@ class ArtifactUpload:
                 )
         except (ClientError, BotoCoreError) as exc:
             raise unavailable(f"upload of {self.key}", exc) from None
-        self.buffer = bytearray()
         return self.size, self.sha256.hexdigest(), self.raw_size
 
     def abort(self) -> bool:
