@@ -46,7 +46,7 @@ class S3Settings:
     kms_key_id: str | None = None  # SSE-KMS: S3 encrypts each object with this key
     envelope_kms_key_id: str | None = None  # client-side: each set's data key is wrapped by this key
     kms_endpoint_url: str | None = None
-    part_size: int = 16 * 1024 * 1024
+    part_size: int = 8 * 1024 * 1024
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_attempts: int = 5
@@ -217,7 +217,7 @@ def _parse_s3(table: _Table) -> S3Settings:
     kms_endpoint = table.string("kms_endpoint_url", "") or None
     if kms_endpoint and not re.match(r"^https?://", kms_endpoint):
         table.invalid("kms_endpoint_url", kms_endpoint, "use a URL starting with http:// or https://")
-    part_mb = table.number("part_size_mb", 16)
+    part_mb = table.number("part_size_mb", 8)
     if not 5 <= part_mb <= 512:
         table.invalid("part_size_mb", part_mb, "use 5 to 512 (S3 parts are at least 5 MiB)")
     settings = S3Settings(

@@ -33,6 +33,14 @@ _log = log.get("repository")
 
 
 DOWNLOAD_CHUNK = 1024 * 1024
+# zstd level 2 compressed a 966 MB dump of the benchmark's DTR-like database to 3.87:1 in 2.7 s of
+# CPU; level 3, 3.81:1 in 4.0 s; level 1, 3.61:1 in 2.1 s.
+ZSTD_LEVEL = 2
+# S3 takes at most 10,000 parts and 5 GiB a part. The part size doubles after every PARTS_PER_SIZE
+# parts, so memory stays at a few parts of the configured size for all but huge artifacts, and an
+# artifact can still reach S3's 5 TB object limit.
+PARTS_PER_SIZE = 1000
+MAX_PART = 5 * 1024**3
 
 
 def make_client(settings: S3Settings) -> Any:
@@ -286,8 +294,8 @@ class ArtifactUpload:
     """A zstd-compressing, optionally encrypting, hashing, multipart upload fed by write().
 
     One part goes up in a background thread while the next one fills, so compression and the
-    upload overlap; memory stays at about two parts (S3Settings.part_size) whatever the
-    artifact's size. A stream shorter than one part goes up with a single PutObject. Any
+    upload overlap; memory stays at about three parts (S3Settings.part_size, doubled after every
+    PARTS_PER_SIZE parts). A stream shorter than one part goes up with a single PutObject. Any
     failure, or cancel being set, aborts the multipart upload so no orphaned parts remain.
     """
 
@@ -299,7 +307,8 @@ class ArtifactUpload:
         self.key = key
         self.cancel = cancel
         self.part_size = repository.settings.part_size
-        self.compressor = zstandard.ZstdCompressor(level=3).compressobj()
+        self.parts_per_size = PARTS_PER_SIZE
+        self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
         self.encryptor = encryptor
         self.sha256 = hashlib.sha256()
         # The next part, as the pieces the compressor gave: joined once when the part is full, so a
@@ -310,6 +319,7 @@ class ArtifactUpload:
         self.size = 0
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
+        self.part_sizes: list[int] = []
         self._sender: ThreadPoolExecutor | None = None
         self._in_flight: Future[None] | None = None
 
@@ -357,6 +367,9 @@ class ArtifactUpload:
         assert self._sender is not None
         entry: dict[str, Any] = {"PartNumber": len(self.parts) + 1}
         self.parts.append(entry)
+        self.part_sizes.append(len(part))
+        if len(self.parts) % self.parts_per_size == 0:
+            self.part_size = min(self.part_size * 2, MAX_PART)
         self._in_flight = self._sender.submit(self._send_part, self.upload_id, entry, part)
 
     def _send_part(self, upload_id: str, entry: dict[str, Any], part: bytes) -> None:

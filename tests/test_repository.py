@@ -77,6 +77,22 @@ def test_upload_large_artifact_multipart(moto_server: Any, bucket: str, s3: Any)
     assert read_all(repository, artifact) == data
 
 
+def test_part_size_doubles_after_parts_per_size(moto_server: Any, bucket: str) -> None:
+    """S3 takes 10,000 parts at most, so the part size grows; the object reads back whole."""
+    repository = make_repository(moto_server.url, bucket)
+    data = os.urandom(48 * MiB)
+    writer = repository.upload(new_set_id(utc_now()), "growing.tar.zst", threading.Event())
+    writer.parts_per_size = 2
+    for offset in range(0, len(data), MiB):
+        writer.write(data[offset : offset + MiB])
+    size, sha256, raw_size = writer.finish()
+    full = writer.part_sizes[:-1]  # the last part holds what remained
+    assert full == [5 * MiB, 5 * MiB, 10 * MiB, 10 * MiB, 20 * MiB][: len(full)]
+    assert sum(writer.part_sizes) == size
+    artifact = Artifact("growing.tar.zst", "directory", writer.key, size, sha256, raw_size, "/x")
+    assert read_all(repository, artifact) == data
+
+
 def test_upload_small_artifact_single_put(moto_server: Any, bucket: str) -> None:
     repository = make_repository(moto_server.url, bucket)
     artifact = upload(repository, new_set_id(utc_now()), "small", b"hello " * 100)
