@@ -327,7 +327,7 @@ class ArtifactUpload:
         if self.cancel.is_set():
             raise Aborted(f"upload of {self.key} stopped on request")
         self.raw_size += len(data)
-        self._push(self.compressor.compress(bytes(data)))
+        self._push(self.compressor.compress(data))
         return len(data)
 
     def _push(self, compressed: bytes, last: bool = False) -> None:
