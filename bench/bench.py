@@ -37,6 +37,7 @@ from infra import PG_UID, Container, Moto, log, measure, run, table_checksums  #
 from images import ensure_postgres_image  # noqa: E402
 
 BUCKET = "bench"
+RANGED_STREAMS = 4
 SRC = "dtrguard-bench-src-postgres"
 DST = "dtrguard-bench-dst-postgres"
 GEN = "dtrguard-bench-gen-postgres"
@@ -282,25 +283,27 @@ class Bench:
         python = REPO / ".venv" / "bin" / "python"
         (self.work / "instance-id").write_text("i-0bench\n")
         backup_cfg = self.dtrguard_config("backup", prefix, SRC)
-        restore_cfg = self.dtrguard_config("restore", prefix, DST)
         assert self.src is not None
         self.phase("dtrguard", "backup", rnd, f"{python} -m dtrguard --config {backup_cfg} backup",
                    [self.src], prefix=prefix + "/")  # fmt: skip
-        dst = self.fresh_dst()
-        keep = self.work / "node.keep"
-        self.node.rename(keep)
-        (self.node / "etc").mkdir(parents=True)
-        (self.node / "var").mkdir()
-        try:
-            self.phase("dtrguard", "restore", rnd, f"{python} -m dtrguard --config {restore_cfg} restore latest --force",
-                       [dst], check=lambda: self.check_restore(self.node / "etc", self.node / "var"))  # fmt: skip
-        finally:
-            shutil.rmtree(self.node)
-            keep.rename(self.node)
-            shutil.rmtree(self.work / "dtrguard-state-restore", ignore_errors=True)
+        # One GET per artifact (the default), then ranged GETs, 4 in flight (s3.download_streams).
+        for phase, streams in (("restore", 1), (f"restore (ranged GETs, {RANGED_STREAMS} streams)", RANGED_STREAMS)):
+            restore_cfg = self.dtrguard_config("restore", prefix, DST, f"download_streams = {streams}\n")
+            dst = self.fresh_dst()
+            keep = self.work / "node.keep"
+            self.node.rename(keep)
+            (self.node / "etc").mkdir(parents=True)
+            (self.node / "var").mkdir()
+            try:
+                self.phase("dtrguard", phase, rnd, f"{python} -m dtrguard --config {restore_cfg} restore latest --force",
+                           [dst], check=lambda: self.check_restore(self.node / "etc", self.node / "var"))  # fmt: skip
+            finally:
+                shutil.rmtree(self.node)
+                keep.rename(self.node)
+                shutil.rmtree(self.work / "dtrguard-state-restore", ignore_errors=True)
         self.delete_prefix(prefix + "/")
 
-    def dtrguard_config(self, kind: str, prefix: str, container: str) -> Path:
+    def dtrguard_config(self, kind: str, prefix: str, container: str, s3_extra: str = "") -> Path:
         assert self.moto is not None
         path = self.work / f"dtrguard-{kind}.toml"
         container_prefix = container.removesuffix("postgres")
@@ -309,7 +312,7 @@ class Bench:
 bucket = "{BUCKET}"
 prefix = "{prefix}"
 endpoint_url = "{self.moto.url}"
-
+{s3_extra}
 [node]
 instance_id_source = "file:{self.work}/instance-id"
 state_dir = "{self.work}/dtrguard-state-{kind}"
@@ -452,6 +455,15 @@ install_command = ["false"]
                    f"pg_dump -Fc -Z0 -h {self.sock} -U postgres dtr > /dev/null", [self.src])  # fmt: skip
         self.phase("limits", "tar -cf - dirs | cat > /dev/null", rnd,
                    f"tar -cf - -C {self.node} etc var | cat > /dev/null", [])  # fmt: skip
+        tar_file, extracted = self.work / "dirs.tar", self.work / "extracted"
+        run(f"tar -cf {tar_file} -C {self.node} etc var")
+        shutil.rmtree(extracted, ignore_errors=True)
+        extracted.mkdir()
+        try:
+            self.phase("limits", "tar -xf dirs from a local file", rnd, f"tar -xf {tar_file} -C {extracted}", [])
+        finally:
+            shutil.rmtree(extracted, ignore_errors=True)
+            tar_file.unlink()
         key = f"limits/r{rnd}/raw"
         raw = f"{REPO}/.venv/bin/python {BENCH}/raw_s3.py --url {self.moto.url} --bucket {BUCKET} --key {key}"
         self.phase("limits", f"raw multipart upload ({self.raw_bytes} bytes, boto3)", rnd,

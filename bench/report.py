@@ -41,6 +41,41 @@ def table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _median(document: dict[str, Any], tool: str, phase: str, field: str = "seconds") -> float | None:
+    for row in document["summary"]:
+        if row["tool"] == tool and row["phase"] == phase and row.get(field):
+            return float(row[field]["median"])
+    return None
+
+
+def targets(document: dict[str, Any]) -> str:
+    """The ratios the targets are stated in, from the medians of this run; '-' where a tool did not run."""
+
+    def ratio(value: float | None, *bases: float | None) -> str:
+        if value is None or any(b is None for b in bases):
+            return "-"
+        base = sum(b for b in bases if b is not None)
+        return f"{value / base:.2f} ({value:.1f} s / {base:.1f} s)"
+
+    backup = _median(document, "dtrguard", "backup")
+    restore = _median(document, "dtrguard", "restore")
+    local = (_median(document, "limits", "pg_restore from a local file"),
+             _median(document, "limits", "tar -xf dirs from a local file"))  # fmt: skip
+    rows = [
+        ("backup / the shell way's backup", "at most 0.4", ratio(backup, _median(document, "shell", "backup"))),
+        ("backup / restic's first backup", "at most 0.6", ratio(backup, _median(document, "restic", "backup"))),
+        ("restore / restic's restore", "at most 0.8", ratio(restore, _median(document, "restic", "restore"))),
+        ("restore / (local pg_restore + tar -xf)", "at most 1.2", ratio(restore, *local)),
+    ]
+    for phase in ("backup", "restore"):
+        rss = _median(document, "dtrguard", phase, "rss_tool")
+        measured = "-" if rss is None else f"{rss / 1e6:.0f} MB"
+        rows.append((f"peak RSS of dtrguard's {phase}", "at most 150 MB", measured))
+    lines = ["| ratio of medians | target | this run |", "|---|---|---|"]
+    lines += [f"| {name} | {target} | {value} |" for name, target, value in rows]
+    return "\n".join(lines)
+
+
 def section(document: dict[str, Any], json_path: Path | str) -> str:
     machine = document.get("machine", {})
     data = document.get("dataset", {})
@@ -75,6 +110,10 @@ Median, and in brackets the lowest and highest, over the rounds. Restore rows us
 except those marked "ranged GETs" and restic's, which always reads packs by range.
 
 {table(document)}
+
+The targets, as ratios of this run's medians:
+
+{targets(document)}
 
 S3 requests by kind, from the last round:
 

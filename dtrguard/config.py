@@ -50,6 +50,7 @@ class S3Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_attempts: int = 5
+    download_streams: int = 1  # ranged GETs in flight per artifact a restore reads; 1 reads with one GET
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 6048
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Maximum duration in seconds. Far longer ones overflow the datetime arithmetic that starts the schedule.
 MAX_DURATION = 365 * 86400.0
+MAX_DOWNLOAD_STREAMS = 32
 
 
 def config_path(explicit: str | None) -> Path:
@@ -220,6 +222,9 @@ def _parse_s3(table: _Table) -> S3Settings:
     part_mb = table.number("part_size_mb", 8)
     if not 5 <= part_mb <= 512:
         table.invalid("part_size_mb", part_mb, "use 5 to 512 (S3 parts are at least 5 MiB)")
+    streams = table.positive_int("download_streams", 1)
+    if streams > MAX_DOWNLOAD_STREAMS:
+        table.invalid("download_streams", streams, f"use 1 to {MAX_DOWNLOAD_STREAMS}")
     settings = S3Settings(
         bucket=bucket,
         prefix=prefix,
@@ -232,6 +237,7 @@ def _parse_s3(table: _Table) -> S3Settings:
         connect_timeout=table.duration("connect_timeout", 10.0),
         read_timeout=table.duration("read_timeout", 60.0),
         max_attempts=table.positive_int("max_attempts", 5),
+        download_streams=streams,
     )
     table.reject_unknown()
     return settings

@@ -9,10 +9,12 @@ A set exists only once its manifest does: listing reads manifests/ alone.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +35,7 @@ _log = log.get("repository")
 
 
 DOWNLOAD_CHUNK = 1024 * 1024
+RANGE_SIZE = 8 * 1024 * 1024  # bytes per ranged GET when s3.download_streams is above 1
 # zstd level 2 compressed a 966 MB dump of the benchmark's DTR-like database to 3.87:1 in 2.7 s of
 # CPU; level 3, 3.81:1 in 4.0 s; level 1, 3.61:1 in 2.1 s.
 ZSTD_LEVEL = 2
@@ -50,6 +53,7 @@ def make_client(settings: S3Settings) -> Any:
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        max_pool_connections=max(10, settings.download_streams + 4),
         s3={"addressing_style": "path"} if settings.endpoint_url else {},
     )
     return boto3.session.Session().client("s3", endpoint_url=settings.endpoint_url, config=config)
@@ -233,15 +237,61 @@ class Repository:
         on_bytes, if given, is called with the size of each stored chunk as it arrives. An
         encrypted set's artifacts need its data_key (see data_key()).
         """
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=artifact.key)["Body"]
-        except (ClientError, BotoCoreError) as exc:
-            raise unavailable(f"read of {artifact.key}", exc) from None
-        source: io.RawIOBase = VerifiedStream(body.iter_chunks(DOWNLOAD_CHUNK), artifact, on_bytes)
+        chunks: Iterator[bytes]
+        if self.settings.download_streams > 1 and artifact.size > RANGE_SIZE:
+            chunks = self._ranged_chunks(artifact)
+        else:
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=artifact.key)["Body"]
+            except (ClientError, BotoCoreError) as exc:
+                raise unavailable(f"read of {artifact.key}", exc) from None
+            chunks = body.iter_chunks(DOWNLOAD_CHUNK)
+        source: io.RawIOBase = VerifiedStream(chunks, artifact, on_bytes)
         if data_key is not None:
             source = FrameDecryptor(source, data_key, artifact.name, artifact.key)
         reader = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], source), read_across_frames=True)
         return io.BufferedReader(reader, buffer_size=DOWNLOAD_CHUNK)
+
+    def _ranged_chunks(self, artifact: Artifact) -> Iterator[bytes]:
+        """Yield an artifact's bytes in order, fetched by download_streams ranged GETs at a time.
+
+        Memory is about download_streams x RANGE_SIZE. An object whose size differs from the
+        manifest's fails on its first range, before any byte is passed on.
+        """
+
+        def fetch(start: int) -> bytes:
+            end = min(start + RANGE_SIZE, artifact.size) - 1
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=artifact.key, Range=f"bytes={start}-{end}")
+                data: bytes = response["Body"].read()
+            except (ClientError, BotoCoreError) as exc:
+                raise unavailable(f"read of {artifact.key}", exc) from None
+            total = re.search(r"/(\d+)$", response.get("ContentRange") or "")
+            if total is not None and int(total.group(1)) != artifact.size:
+                raise IntegrityError(
+                    f"artifact {artifact.key} has {total.group(1)} bytes, expected {artifact.size} from its manifest",
+                    hint="the object was changed after the backup; restore another set",
+                )
+            return data
+
+        starts = iter(range(0, artifact.size, RANGE_SIZE))
+        pool = ThreadPoolExecutor(max_workers=self.settings.download_streams, thread_name_prefix="download")
+        in_flight: collections.deque[Future[bytes]] = collections.deque()
+        try:
+            for start in starts:
+                in_flight.append(pool.submit(fetch, start))
+                if len(in_flight) == self.settings.download_streams:
+                    break
+            while in_flight:
+                data = in_flight.popleft().result()
+                following = next(starts, None)
+                if following is not None:
+                    in_flight.append(pool.submit(fetch, following))
+                yield data
+        finally:
+            for future in in_flight:
+                future.cancel()
+            pool.shutdown(wait=True)
 
     def verify(
         self,

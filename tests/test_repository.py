@@ -18,8 +18,15 @@ from dtrguard.repository import Repository
 MiB = 1024 * 1024
 
 
-def make_repository(url: str, bucket: str, part_size: int = 5 * MiB) -> Repository:
-    settings = S3Settings(bucket=bucket, prefix="test", endpoint_url=url, part_size=part_size, max_attempts=1)
+def make_repository(url: str, bucket: str, part_size: int = 5 * MiB, download_streams: int = 1) -> Repository:
+    settings = S3Settings(
+        bucket=bucket,
+        prefix="test",
+        endpoint_url=url,
+        part_size=part_size,
+        max_attempts=1,
+        download_streams=download_streams,
+    )
     return Repository(settings)
 
 
@@ -91,6 +98,27 @@ def test_part_size_doubles_after_parts_per_size(moto_server: Any, bucket: str) -
     assert sum(writer.part_sizes) == size
     artifact = Artifact("growing.tar.zst", "directory", writer.key, size, sha256, raw_size, "/x")
     assert read_all(repository, artifact) == data
+
+
+def test_ranged_download_reads_in_order(moto_server: Any, bucket: str, s3: Any) -> None:
+    """download_streams > 1 reads by ranges in parallel; the bytes and their checks are the same."""
+    repository = make_repository(moto_server.url, bucket, download_streams=3)
+    data = os.urandom(29 * MiB)  # four 8 MiB ranges, the last one short
+    artifact = upload(repository, new_set_id(utc_now()), "ranged.tar.zst", data)
+    got = []
+    with repository.open(artifact, on_bytes=got.append) as stream:
+        assert stream.read() == data
+    assert got == [8 * MiB, 8 * MiB, 8 * MiB, artifact.size - 24 * MiB]  # one chunk per range, in order
+
+    stored = s3.get_object(Bucket=bucket, Key=artifact.key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=artifact.key, Body=stored + b"appended")
+    with pytest.raises(IntegrityError, match="expected .* from its manifest"):
+        read_all(repository, artifact)
+    changed = bytearray(stored)
+    changed[-100] ^= 1
+    s3.put_object(Bucket=bucket, Key=artifact.key, Body=bytes(changed))
+    with pytest.raises(IntegrityError, match="sha256"):
+        read_all(repository, artifact)
 
 
 def test_upload_small_artifact_single_put(moto_server: Any, bucket: str) -> None:
