@@ -397,7 +397,10 @@ class Agent:
             return
         self._start_scheduler()
         notify(READY="1", STATUS=self.status_line())
-        self.stop.wait()
+        # Python runs signal handlers in the main thread only. A SIGTERM that the kernel hands to
+        # another thread does not wake a wait without a timeout, so the wait wakes every second.
+        while not self.stop.wait(1.0):
+            pass
         self._shutdown()
         if self.refusal is not None:
             raise self.refusal

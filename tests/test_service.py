@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -122,6 +124,29 @@ def test_restore_status_shows_progress(make_node: Any, notify_socket: NotifySock
     restoring = [s for s in notify_socket.values("STATUS") if s.startswith("restoring set ")]
     assert restoring, notify_socket.messages
     assert " % of " in restoring[-1]
+
+
+def accepts_sigterm(pid: int, tid: int) -> bool:
+    """Report whether a thread leaves SIGTERM unblocked, so that kill() with its id hands the signal to it."""
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return not int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1))
+    return False
+
+
+def test_sigterm_to_another_thread_stops_service(make_node: Any) -> None:
+    """kill() with a thread's id hands the signal to that thread; the service still stops at once."""
+    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", interval="1h")
+    node.install()
+    node.seed()
+    daemon = node.start()
+    daemon.wait_for("schedule.start")
+    pid = daemon.process.pid
+    others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid and accepts_sigterm(pid, int(tid))]
+    assert others, "the service runs no thread besides the main one that accepts SIGTERM"
+    os.kill(others[0], signal.SIGTERM)
+    assert daemon.process.wait(20) == 0
+    assert daemon.named("service.stop")
 
 
 def test_prepare_image_rejects_node_with_data(make_node: Any) -> None:
