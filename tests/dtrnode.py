@@ -87,7 +87,8 @@ class DtrNode:
             sys.executable, str(TESTS / "dtr_install.py"), "--version", "{version}",
             "--etc", str(self.etc), "--var", str(self.var), "--pg-data", str(self.pg_data),
         ]  # fmt: skip
-        self.config_path.write_text(self.config_text(install_command, id_file=id_file, state_dir=self.state_dir))
+        id_source = None if self.imds_url else id_file
+        self.config_path.write_text(self.config_text(install_command, id_file=id_source, state_dir=self.state_dir))
         return self.config_path
 
     def config_text(
