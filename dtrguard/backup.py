@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dtrguard import __version__, lease, log
 from dtrguard.archive import write_archive
-from dtrguard.cancel import ChildEvent
+from dtrguard.cancel import ChildEvent, wait_waking
 from dtrguard.crypto import DataKey
 from dtrguard.errors import Aborted
 from dtrguard.manifest import Artifact, Manifest, new_set_id, utc_now
@@ -139,6 +139,7 @@ def _both(
             second_result = guarded(second)
         except BaseException as exc:
             second_error = exc
+        wait_waking(future)
         first_error = future.exception()
     errors = [e for e in (first_error, second_error) if e is not None]
     if errors:

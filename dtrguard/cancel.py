@@ -1,8 +1,10 @@
-"""Cancel flags that also count as set when the flag they derive from is."""
+"""Cancel flags that also count as set when the flag they derive from is, and a wait that lets signals in."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
+from typing import Any
 
 
 class ChildEvent(threading.Event):
@@ -17,3 +19,13 @@ class ChildEvent(threading.Event):
 
     def is_set(self) -> bool:
         return super().is_set() or self.parent.is_set()
+
+
+def wait_waking(future: concurrent.futures.Future[Any]) -> None:
+    """Wait for future to finish, waking every second.
+
+    Python runs signal handlers only in the main thread; a wait without a timeout there would hold
+    back a SIGTERM that the kernel handed to another thread until the future finished.
+    """
+    while not future.done():
+        concurrent.futures.wait([future], timeout=1.0)

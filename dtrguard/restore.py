@@ -30,7 +30,7 @@ from pathlib import Path
 
 from dtrguard import log
 from dtrguard.archive import SwapJournal, excluded_paths, extract_archive, root_attributes
-from dtrguard.cancel import ChildEvent
+from dtrguard.cancel import ChildEvent, wait_waking
 from dtrguard.config import DirectorySettings
 from dtrguard.errors import Aborted, DtrguardError, IntegrityError, RefusedError
 from dtrguard.manifest import Artifact, Manifest, major_key
@@ -208,6 +208,7 @@ def _check_and_stage(
         except BaseException as exc:
             stop.set()
             staging_error = exc
+        wait_waking(checked)
         database_error = checked.exception()
     errors = [e for e in (staging_error, database_error) if e is not None]
     if errors:  # the worker that failed first is the one whose error is not Aborted

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from dtrguard.errors import EXIT_REFUSED
 
-from dtrnode import DtrNode, container_exec
+from dtrnode import REPO, DtrNode, container_exec
 from servers import Relay
 
 PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
@@ -147,6 +149,38 @@ def test_sigterm_to_another_thread_stops_service(make_node: Any) -> None:
     os.kill(others[0], signal.SIGTERM)
     assert daemon.process.wait(20) == 0
     assert daemon.named("service.stop")
+
+
+WAITER = """
+import concurrent.futures, os, signal, threading, time
+from dtrguard.cancel import wait_waking
+signal.signal(signal.SIGTERM, lambda number, frame: os._exit(7))
+started = threading.Event()
+def work():
+    started.set()
+    time.sleep(60)
+pool = concurrent.futures.ThreadPoolExecutor(1)
+future = pool.submit(work)
+started.wait()
+print("waiting", flush=True)
+wait_waking(future)
+"""
+
+
+def test_wait_waking_lets_sigterm_in() -> None:
+    """The main thread waiting on a worker still runs its SIGTERM handler when the worker takes the signal."""
+    process = subprocess.Popen([sys.executable, "-c", WAITER], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()
+        pid = process.pid
+        workers = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid and accepts_sigterm(pid, int(t))]
+        assert workers
+        os.kill(workers[0], signal.SIGTERM)
+        assert process.wait(10) == 7
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_prepare_image_rejects_node_with_data(make_node: Any) -> None:
