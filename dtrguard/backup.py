@@ -120,9 +120,10 @@ def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader,
 def _both(
     first: Callable[[], list[Artifact]], second: Callable[[], list[Artifact]], stop: threading.Event
 ) -> tuple[list[Artifact], list[Artifact]]:
-    """Run first in a thread and second in this one; the first to fail sets stop, which ends the other.
+    """Run first in a thread and second in this one, and return both results.
 
-    The error raised is the failure itself, not the Aborted of the side it stopped.
+    The first to fail sets stop, which ends the other at its next write. The error raised is that
+    failure, not the Aborted of the side it stopped.
     """
 
     def guarded(work: Callable[[], list[Artifact]]) -> list[Artifact]:

@@ -24,7 +24,7 @@ class ChildEvent(threading.Event):
 def wait_waking(future: concurrent.futures.Future[Any]) -> None:
     """Wait for future to finish, waking every second.
 
-    Python runs signal handlers only in the main thread; a wait without a timeout there would hold
+    Python runs signal handlers only in the main thread. There, a wait without a timeout would hold
     back a SIGTERM that the kernel handed to another thread until the future finished.
     """
     while not future.done():

@@ -50,7 +50,7 @@ class S3Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_attempts: int = 5
-    download_streams: int = 1  # ranged GETs in flight per artifact a restore reads; 1 reads with one GET
+    download_streams: int = 1  # ranged GETs in flight per artifact a restore reads, or 1 for one GET
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ _log = log.get("repository")
 
 DOWNLOAD_CHUNK = 1024 * 1024
 RANGE_SIZE = 8 * 1024 * 1024  # bytes per ranged GET when s3.download_streams is above 1
-# zstd level 2 compressed a 966 MB dump of the benchmark's DTR-like database to 3.87:1 in 2.7 s of
-# CPU; level 3, 3.81:1 in 4.0 s; level 1, 3.61:1 in 2.1 s.
+# On a 966 MB dump of the benchmark's DTR-like database, zstd level 2 gave 3.87:1 in 2.7 s of CPU.
+# Level 3 gave 3.81:1 in 4.0 s, and level 1 3.61:1 in 2.1 s.
 ZSTD_LEVEL = 2
 # S3 takes at most 10,000 parts and 5 GiB a part. The part size doubles after every PARTS_PER_SIZE
 # parts, so memory stays at a few parts of the configured size for all but huge artifacts, and an

@@ -211,7 +211,7 @@ def side_databases() -> list[str]:
 
 
 def test_kill_during_restore_beside_keeps_live_database(make_node: Any) -> None:
-    """A restore onto a node with DTR installed fills a new database; killed there, the live one is untouched."""
+    """A restore onto a node with DTR installed fills a new database. Killed there, it leaves the live one untouched."""
     node = node_with_data(make_node)
     add_bulk(node, 0, BULK_TAGS)
     set_id = backup_once(node)
@@ -240,7 +240,8 @@ def test_kill_during_restore_beside_keeps_live_database(make_node: Any) -> None:
     events = events_of(result.stderr)
     assert [e["databases"] for e in events if e.get("event") == "database.leftover_dropped"] == [left]
     swapped = [e["databases"] for e in events if e.get("event") == "database.swapped"]
-    assert len(swapped) == 1 and "dtr" in swapped[0]
+    assert len(swapped) == 1
+    assert "dtr" in swapped[0]
     assert table_contents() == restored_contents
     assert side_databases() == []
 

@@ -84,8 +84,8 @@ def test_upload_large_artifact_multipart(moto_server: Any, bucket: str, s3: Any)
     assert read_all(repository, artifact) == data
 
 
-def test_part_size_doubles_after_parts_per_size(moto_server: Any, bucket: str) -> None:
-    """S3 takes 10,000 parts at most, so the part size grows; the object reads back whole."""
+def test_part_size_doubles(moto_server: Any, bucket: str) -> None:
+    """S3 takes 10,000 parts at most, so the part size grows. The object reads back whole."""
     repository = make_repository(moto_server.url, bucket)
     data = os.urandom(48 * MiB)
     writer = repository.upload(new_set_id(utc_now()), "growing.tar.zst", threading.Event())
@@ -93,7 +93,7 @@ def test_part_size_doubles_after_parts_per_size(moto_server: Any, bucket: str) -
     for offset in range(0, len(data), MiB):
         writer.write(data[offset : offset + MiB])
     size, sha256, raw_size = writer.finish()
-    full = writer.part_sizes[:-1]  # the last part holds what remained
+    full = writer.part_sizes[:-1]  # the last part contains what remained
     assert full == [5 * MiB, 5 * MiB, 10 * MiB, 10 * MiB, 20 * MiB][: len(full)]
     assert sum(writer.part_sizes) == size
     artifact = Artifact("growing.tar.zst", "directory", writer.key, size, sha256, raw_size, "/x")
@@ -101,7 +101,7 @@ def test_part_size_doubles_after_parts_per_size(moto_server: Any, bucket: str) -
 
 
 def test_ranged_download_reads_in_order(moto_server: Any, bucket: str, s3: Any) -> None:
-    """download_streams > 1 reads by ranges in parallel; the bytes and their checks are the same."""
+    """download_streams > 1 reads by ranges in parallel, with the same bytes and the same checks."""
     repository = make_repository(moto_server.url, bucket, download_streams=3)
     data = os.urandom(29 * MiB)  # four 8 MiB ranges, the last one short
     artifact = upload(repository, new_set_id(utc_now()), "ranged.tar.zst", data)

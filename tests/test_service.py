@@ -137,7 +137,7 @@ def accepts_sigterm(pid: int, tid: int) -> bool:
 
 
 def test_sigterm_to_another_thread_stops_service(make_node: Any) -> None:
-    """kill() with a thread's id hands the signal to that thread; the service still stops at once."""
+    """kill() with a thread's id hands the signal to that thread, and the service still stops at once."""
     node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", interval="1h")
     node.install()
     node.seed()
