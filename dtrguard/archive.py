@@ -127,6 +127,7 @@ def write_archive(root: Path, excludes: Sequence[str], out: Writable) -> Archive
     with tarfile.open(fileobj=cast(IO[bytes], out), mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
         for relative, path in walk(root, Excluder(excludes)):
             _add(tar, relative, path, stats)
+            _forget_members(tar)
     changed = len(stats.shrank) + len(stats.grew) + len(stats.modified)
     if changed:
         _log.warning(
@@ -141,6 +142,16 @@ def write_archive(root: Path, excludes: Sequence[str], out: Writable) -> Archive
             " to the size they had when opened, files that grew are cut at it",
         )
     return stats
+
+
+def _forget_members(tar: tarfile.TarFile) -> None:
+    """Drop the members tarfile keeps in its list, so memory does not grow with the number of files.
+
+    A stream, read or written, is passed once and never looks back at them.
+    """
+    members = getattr(tar, "members", None)
+    if isinstance(members, list):
+        members.clear()
 
 
 def _add(tar: tarfile.TarFile, relative: str, path: Path, stats: ArchiveStats) -> None:
@@ -183,6 +194,9 @@ def _add_file(tar: tarfile.TarFile, relative: str, path: Path, stats: ArchiveSta
             tar.addfile(info)
             return
         before = os.fstat(descriptor)
+        inodes = getattr(tar, "inodes", None)  # tarfile's record of inodes archived, for hard links
+        if before.st_nlink == 1 and isinstance(inodes, dict):  # a file with one name is never met again
+            inodes.pop((before.st_ino, before.st_dev), None)
         info.pax_headers = {**info.pax_headers, **_xattr_records(descriptor)}
         reader = _Padded(handle, info.size)
         tar.addfile(info, reader)
@@ -439,6 +453,7 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
                 set_attributes(destination, relative, member, stats)
             stats.files += 1
             stats.bytes += member.size if member.isreg() else 0
+            _forget_members(tar)
     # Checked once the tree is complete, because a later member can change where an earlier symlink leads.
     for relative in sorted(links):
         if not _link_stays_inside(staging, target, relative):

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -932,3 +933,45 @@ def test_swap_without_staging_raises(tmp_path: Path) -> None:
         journal.swap("set-1", None, [])
 
     assert tree(target, skip=(WORK_DIR,)) == before
+
+
+class _CountingSink:
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+
+def _archive_peaks(tmp_path: Path, files: int) -> tuple[int, int]:
+    """Return the traced peak of archiving files small files, and of extracting the archive."""
+    source = tmp_path / f"source-{files}"
+    for index in range(files):
+        directory = source / f"d{index // 500}"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"f{index}").write_bytes(b"x" * 10)
+    buffer = io.BytesIO()
+    write_archive(source, [], buffer)
+    data = buffer.getvalue()
+    tracemalloc.start()
+    write_archive(source, [], _CountingSink())
+    _, write_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    staging = tmp_path / f"staging-{files}"
+    staging.mkdir()
+    stream = io.BytesIO(data)
+    tracemalloc.start()
+    extract_archive(stream, staging, tmp_path / f"target-{files}")
+    _, extract_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return write_peak, extract_peak
+
+
+def test_archive_memory_flat_in_files(tmp_path: Path) -> None:
+    """tarfile keeps every member and inode it sees; archiving and extraction drop them as they go."""
+    small_write, small_extract = _archive_peaks(tmp_path, 1000)
+    large_write, large_extract = _archive_peaks(tmp_path, 5000)
+    # Kept, 4,000 more members cost about 2.8 MB when written and 2.3 MB when read back.
+    assert large_write - small_write < 512 * 1024
+    assert large_extract - small_extract < 1024 * 1024  # the set of names seen grows by design
