@@ -100,6 +100,23 @@ def kill_when(daemon: Daemon, condition: Callable[[], bool], what: str, period: 
     assert daemon.process.returncode == -signal.SIGKILL
 
 
+def kill_during_pg_restore(daemon: Daemon, target: str, what: str) -> None:
+    """SIGKILL the daemon while pg_restore runs with target (such as "-d dtr") in its command line.
+
+    Returns once pg_restore has ended too: its input closes with the killed daemon, so it reads a
+    truncated dump and rolls back.
+    """
+
+    def restoring() -> bool:
+        return any("pg_restore" in line and target in line for line in running_commands(POSTGRES))
+
+    kill_when(daemon, restoring, what, period=0.02)
+    deadline = time.monotonic() + 60
+    while any("pg_restore" in line for line in running_commands(POSTGRES)):
+        assert time.monotonic() < deadline, "pg_restore still runs 60 s after dtrguard was killed"
+        time.sleep(0.2)
+
+
 # SIGKILL during a restore
 
 TOP_LEVEL_FILES = 6000  # entries extracted and renamed one by one, so staging and the swap last long enough to hit
@@ -154,16 +171,7 @@ def test_kill_during_restore_resumes(make_node: Any, moment: str) -> None:
     var_stale = tree(node_b.var)
     daemon = node_b.start()
     if moment == "database":
-
-        def restoring_dtr() -> bool:
-            return any("pg_restore" in line and "-d dtr" in line for line in running_commands(POSTGRES))
-
-        kill_when(daemon, restoring_dtr, "pg_restore of the dtr database", period=0.02)
-        # pg_restore's input closes with the killed daemon, so it reads a truncated dump and rolls back.
-        deadline = time.monotonic() + 60
-        while any("pg_restore" in line for line in running_commands(POSTGRES)):
-            assert time.monotonic() < deadline, "pg_restore still runs 60 s after dtrguard was killed"
-            time.sleep(0.2)
+        kill_during_pg_restore(daemon, "-d dtr", "pg_restore of the dtr database")
         assert dtr_tables() == "0", "the interrupted pg_restore committed tables"
         assert journal_phase(node_b.var) is None
     elif moment == "staging":
@@ -223,14 +231,7 @@ def test_kill_during_restore_beside_keeps_live_database(make_node: Any) -> None:
     restore = Daemon(argv, dtrnode.test_env(node.env))
     RUNNING.append(restore)
 
-    def restoring_beside() -> bool:
-        return any("pg_restore" in line and "-d dtrguard_new_" in line for line in running_commands(POSTGRES))
-
-    kill_when(restore, restoring_beside, "pg_restore into the new database", period=0.02)
-    deadline = time.monotonic() + 60
-    while any("pg_restore" in line for line in running_commands(POSTGRES)):
-        assert time.monotonic() < deadline, "pg_restore still runs 60 s after dtrguard was killed"
-        time.sleep(0.2)
+    kill_during_pg_restore(restore, "-d dtrguard_new_", "pg_restore into the new database")
     assert table_contents() == live_contents  # the live database was never touched
     left = side_databases()
     assert len(left) == 1  # the new database stays until the next restore drops it
