@@ -442,6 +442,8 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
             member.name = relative
             if member.isdir():
                 destination.mkdir(mode=0o700, exist_ok=True)
+                # Kept until the end for its attributes: tarfile has applied the other pax records already.
+                member.pax_headers = {k: v for k, v in member.pax_headers.items() if k.startswith(XATTR_RECORD)}
                 directories.append(member)
                 continue
             if os.path.lexists(destination):  # a directory made for an earlier member's path
