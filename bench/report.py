@@ -49,7 +49,7 @@ def _median(document: dict[str, Any], tool: str, phase: str, field: str = "secon
 
 
 def targets(document: dict[str, Any]) -> str:
-    """The ratios the targets are stated in, from the medians of this run; '-' where a tool did not run."""
+    """Render the targets as ratios of this run's medians, with '-' where a tool did not run."""
 
     def ratio(value: float | None, *bases: float | None) -> str:
         if value is None or any(b is None for b in bases):

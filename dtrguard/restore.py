@@ -151,8 +151,8 @@ def _check_and_stage(
     """Check the databases in one thread while the directories are staged in this one.
 
     With beside, the databases are restored next to the live ones, which checks the dumps as
-    they are read, and the roles dump is returned; otherwise the dumps are downloaded and verified,
-    and None is returned for the roles. The first failure stops the other side at its next chunk,
+    they are read, and the roles dump is returned. Otherwise the dumps are downloaded and
+    verified, and None is returned for the roles. The first failure stops the other side at its next chunk,
     and is the one raised.
     """
     data_key = node.repository.data_key(manifest)  # an encrypted set's key is unwrapped before any change

@@ -969,10 +969,10 @@ def _archive_peaks(tmp_path: Path, files: int) -> tuple[int, int]:
 
 
 def test_archive_memory_flat_in_files(tmp_path: Path) -> None:
-    """tarfile keeps every member and inode it sees; archiving drops them as it goes."""
+    """tarfile keeps every member and inode it handles; archiving drops them as it goes."""
     small_write, _ = _archive_peaks(tmp_path, 1000)
     large_write, _ = _archive_peaks(tmp_path, 5000)
     # Kept, 4,000 more members cost about 1.5 MB when written.
     assert large_write - small_write < 512 * 1024
-    # NOTE: extraction grew by 0.8 MB for 4,000 more files when this test ran alone, and by 4.7 MB
-    # in the full suite (4.3 MB alone with members kept); the cause was not found, so it is not asserted.
+    # NOTE: extraction grew by 0.8 MB for 4,000 more files when this test ran alone, but by 4.7 MB in
+    # the full suite (4.3 MB alone with members kept). The cause is unknown, so it is not asserted.
