@@ -37,6 +37,7 @@ from servers import Relay
 pytestmark = pytest.mark.docker
 
 PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
+GO = "/tmp/dtrguard-test-dump-go"
 
 
 def test_restart_does_not_restore(make_node: Any) -> None:
@@ -100,9 +101,13 @@ def test_node_with_data_refused(make_node: Any, s3: Any, bucket: str) -> None:
 def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> None:
     node = node_with_data(make_node)
     good = backup_once(node)
-    # pg_dump --version still works, so the backup gets past its version checks before it fails.
+    # pg_dump --version still works, so the backup gets past its version checks. Any other call
+    # waits for GO, which the test creates once both directories are uploaded, and then fails: the
+    # databases are dumped beside the directories, and without the wait the failure could stop the
+    # directories before any artifact exists to clean up.
     script = (
         f'[ "$1" = --version ] && exec {PG_DUMP}.real --version; '
+        f"while [ ! -e {GO} ]; do sleep 0.1; done; "
         'printf "partial dump bytes"; echo "pg_dump: error: simulated failure" >&2; exit 1'
     )
     # The image has no mv or cp, so cat keeps a copy of the real binary.
@@ -113,10 +118,13 @@ def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> Non
     assert code == 0, output
 
     daemon = node.start()
+    daemon.wait_for("artifact.end", count=2)
+    code, output = container_exec("docker_trusted_registry_postgres", ["sh", "-c", f": > {GO}"], user="root")
+    assert code == 0, output
     failure = daemon.wait_for("backup.failed")[0]
     failed_set = daemon.named("backup.start")[-1]["set_id"]
     code, output = container_exec(
-        "docker_trusted_registry_postgres", ["sh", "-c", f"cat {PG_DUMP}.real > {PG_DUMP}"], user="root"
+        "docker_trusted_registry_postgres", ["sh", "-c", f"cat {PG_DUMP}.real > {PG_DUMP}; rm -f {GO}"], user="root"
     )
     assert code == 0, output
     daemon.wait_for("backup.end")  # the next scheduled run succeeds
@@ -124,7 +132,6 @@ def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> Non
 
     assert "simulated failure" in failure["error"]
     uploaded = [e["artifact"] for e in daemon.named("artifact.end") if e["set_id"] == failed_set]
-    # pg_dumpall checks pg_dump with -V, which the fake rejects, so the failure comes after the directories.
     assert uploaded == ["etc-dtr.tar.zst", "var-dtr.tar.zst"], "the failed set's clean-up went untested"
     assert failure["level"] == "error"
     keys = manifest_keys(s3, bucket)
