@@ -31,6 +31,7 @@ import os
 import shutil
 import stat
 import tarfile
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -48,6 +49,7 @@ WORK_DIR = ".dtrguard-restore"
 XATTR_RECORD = "SCHILY.xattr."
 KEPT_XATTRS = ("user.",)  # see the module docstring for why only these
 EXAMPLES = 20  # paths named in one summary event
+_NOT_OURS = "the archive is not from dtrguard"
 # Both names exist in errno, and Linux gives them the same number.
 _UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
@@ -316,17 +318,17 @@ def _check_member(member: tarfile.TarInfo, target: Path, links: set[str]) -> str
     name = member.name
     pure = PurePosixPath(name)
     if name.startswith("/") or pure.is_absolute():
-        raise UnsafeArchive(f"archive member {name!r} has an absolute name", hint="the archive is not from dtrguard")
+        raise UnsafeArchive(f"archive member {name!r} has an absolute name", hint=_NOT_OURS)
     if ".." in pure.parts:
-        raise UnsafeArchive(f"archive member {name!r} contains ..", hint="the archive is not from dtrguard")
+        raise UnsafeArchive(f"archive member {name!r} contains ..", hint=_NOT_OURS)
     relative = str(pure)
     if pure.parts and pure.parts[0] == WORK_DIR:
         raise UnsafeArchive(
             f"archive member {name!r} is inside the restore work dir {WORK_DIR}",
-            hint="the archive is not from dtrguard",
+            hint=_NOT_OURS,
         )
     if member.ischr() or member.isblk():
-        raise UnsafeArchive(f"archive member {name!r} is a device file", hint="the archive is not from dtrguard")
+        raise UnsafeArchive(f"archive member {name!r} is a device file", hint=_NOT_OURS)
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
         raise UnsafeArchive(f"archive member {name!r} has unsupported type {member.type!r}")
     for parent in list(pure.parents)[:-1]:
@@ -338,7 +340,7 @@ def _check_member(member: tarfile.TarInfo, target: Path, links: set[str]) -> str
         if not _within(resolved, str(target)):
             raise UnsafeArchive(
                 f"archive member {name!r} is a symlink to {member.linkname!r}, outside {target}",
-                hint="the archive is not from dtrguard",
+                hint=_NOT_OURS,
             )
         links.add(relative)
     if member.islnk():
@@ -406,7 +408,7 @@ def _check_hardlink(member: tarfile.TarInfo, staging: Path) -> None:
         raise UnsafeArchive(
             f"archive member {member.name!r} is a hard link to {member.linkname!r},"
             " which is not a regular file earlier in the archive",
-            hint="the archive is not from dtrguard",
+            hint=_NOT_OURS,
         )
 
 
@@ -416,62 +418,127 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
     Links are checked against target, where the files will finally live. Returns the stats and
     the archive's root entry ("."), whose owner, mode and mtime belong to target itself.
 
+    A directory's attributes are set once the whole tree is in place, because each entry made in
+    it changes its mtime. Until then they wait in an unnamed file beside staging, so memory does
+    not grow with the number of directories.
+
     Owners, modes, mtimes and kept xattrs that the file system rejects do not stop the extraction.
     Each kind is logged once, as a warning with the count and at most EXAMPLES paths.
     """
     stats = ArchiveStats()
     links: set[str] = set()
-    seen: set[str] = set()
-    directories: list[tarfile.TarInfo] = []
     root_info = None
-    with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8") as tar:
+    with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8") as tar, _Deferred(staging.parent) as directories:
         for member in tar:
+            _forget_members(tar)
             relative = _check_member(member, target, links)
-            # A second member of the same name could replace a checked symlink or write through it.
-            if relative in seen:
-                raise UnsafeArchive(
-                    f"archive member {member.name!r} appears more than once", hint="the archive is not from dtrguard"
-                )
-            seen.add(relative)
             if relative == ".":
+                if root_info is not None:
+                    raise UnsafeArchive("archive member '.' appears more than once", hint=_NOT_OURS)
                 root_info = member
                 continue
             destination = staging / relative
             if not _within(os.path.realpath(destination.parent), os.path.realpath(staging)):
                 raise UnsafeArchive(f"archive member {member.name!r} resolves outside the target")
+            # An entry already there is a repeated name, which could replace a checked symlink or
+            # write through it, or a directory that tarfile made for an earlier member inside it.
+            # dtrguard writes each directory before its contents, so neither is in its archives.
+            if os.path.lexists(destination):
+                raise UnsafeArchive(
+                    f"archive member {member.name!r} appears more than once, or after a member inside it",
+                    hint=_NOT_OURS,
+                )
             member.name = relative
             if member.isdir():
-                destination.mkdir(mode=0o700, exist_ok=True)
-                # Kept until the end for its attributes: tarfile has applied the other pax records already.
-                member.pax_headers = {k: v for k, v in member.pax_headers.items() if k.startswith(XATTR_RECORD)}
-                directories.append(member)
+                destination.mkdir(mode=0o700)
+                directories.add(relative, _Attributes.of(member))
                 continue
-            if os.path.lexists(destination):  # a directory made for an earlier member's path
-                raise UnsafeArchive(f"archive member {member.name!r} would replace a directory of the same name")
             if member.islnk():
                 _check_hardlink(member, staging)
             tar.extract(member, staging, set_attrs=False, numeric_owner=True, **_TRUSTED)
             if not member.islnk():  # a hard link shares its source's inode, whose attributes are set
-                set_attributes(destination, relative, member, stats)
+                set_attributes(destination, relative, _Attributes.of(member), stats)
             stats.files += 1
             stats.bytes += member.size if member.isreg() else 0
-            _forget_members(tar)
-    # Checked once the tree is complete, because a later member can change where an earlier symlink leads.
-    for relative in sorted(links):
-        if not _link_stays_inside(staging, target, relative):
-            raise UnsafeArchive(
-                f"archive member {relative!r} is a symlink to {os.readlink(staging / relative)!r},"
-                f" which resolves outside {target} through other symlinks in the archive",
-                hint="the archive is not from dtrguard",
-            )
-    for member in reversed(directories):
-        set_attributes(staging / member.name, member.name, member, stats)
+        # Checked once the tree is complete, because a later member can change where an earlier symlink leads.
+        for relative in sorted(links):
+            if not _link_stays_inside(staging, target, relative):
+                raise UnsafeArchive(
+                    f"archive member {relative!r} is a symlink to {os.readlink(staging / relative)!r},"
+                    f" which resolves outside {target} through other symlinks in the archive",
+                    hint=_NOT_OURS,
+                )
+        for relative, attributes in directories.newest_first():
+            set_attributes(staging / relative, relative, attributes, stats)
     _warn_not_restored("archive.attributes_not_restored", target, stats.attributes_failed)
     _warn_not_restored("archive.xattrs_not_restored", target, stats.xattrs_failed)
     return stats, root_info
 
 
-def set_attributes(path: Path, relative: str, member: tarfile.TarInfo, stats: ArchiveStats) -> None:
+@dataclass(frozen=True, slots=True)
+class _Attributes:
+    """The owner, mode, mtime and kept xattrs that extraction sets on an entry. The mode is None for a symlink."""
+
+    uid: int
+    gid: int
+    mode: int | None
+    mtime: float
+    xattrs: dict[str, bytes]
+
+    @classmethod
+    def of(cls, member: tarfile.TarInfo) -> _Attributes:
+        mode = None if member.issym() else stat.S_IMODE(member.mode)
+        return cls(member.uid, member.gid, mode, member.mtime, xattrs_of(member))
+
+
+class _Deferred:
+    """Directory attributes written to an unnamed temporary file and read back newest first.
+
+    Each record is one line of JSON. Reading back goes from the end of the file in blocks, so a
+    directory's attributes are set after those of every directory extracted after it, children
+    included, as the list this replaces did.
+    """
+
+    BLOCK = 1 << 16
+
+    def __init__(self, where: Path):
+        self.where = where
+
+    def __enter__(self) -> _Deferred:
+        self.file = tempfile.TemporaryFile(dir=self.where)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def add(self, relative: str, attributes: _Attributes) -> None:
+        xattrs = {name: value.hex() for name, value in attributes.xattrs.items()}
+        record = [relative, attributes.uid, attributes.gid, attributes.mode, attributes.mtime, xattrs]
+        self.file.write(json.dumps(record).encode("ascii") + b"\n")  # names escaped, even undecodable ones
+
+    def newest_first(self) -> Iterator[tuple[str, _Attributes]]:
+        end = self.file.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - self.BLOCK)
+            self.file.seek(start)
+            lines = (self.file.read(end - start) + tail).split(b"\n")
+            end = start
+            tail = lines.pop(0) if start > 0 else b""  # the block may begin mid-record
+            for line in reversed(lines):
+                if line:
+                    yield self._parse(line)
+        if tail:
+            yield self._parse(tail)
+
+    @staticmethod
+    def _parse(line: bytes) -> tuple[str, _Attributes]:
+        relative, uid, gid, mode, mtime, xattrs = json.loads(line)
+        values = {name: bytes.fromhex(value) for name, value in xattrs.items()}
+        return relative, _Attributes(uid, gid, mode, mtime, values)
+
+
+def set_attributes(path: Path, relative: str, attributes: _Attributes, stats: ArchiveStats) -> None:
     """Set owner, then mode (setgid included, which chown would clear), then kept xattrs, then mtime.
 
     Each rejection is added to stats, once per path and kind, and the next attribute is still set.
@@ -479,22 +546,22 @@ def set_attributes(path: Path, relative: str, member: tarfile.TarInfo, stats: Ar
     """
     failures = []
     try:
-        os.lchown(path, member.uid, member.gid)
+        os.lchown(path, attributes.uid, attributes.gid)
     except OSError as exc:
         failures.append(f"owner: {exc.strerror}")
-    if not member.issym():
+    if attributes.mode is not None:
         try:
-            os.chmod(path, stat.S_IMODE(member.mode))
+            os.chmod(path, attributes.mode)
         except OSError as exc:
             failures.append(f"mode: {exc.strerror}")
-        for name, value in xattrs_of(member).items():
+        for name, value in attributes.xattrs.items():
             try:
                 os.setxattr(path, name, value)
             except OSError as exc:
                 stats.xattrs_failed.append((relative, str(exc.strerror)))
                 break
     try:
-        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        os.utime(path, (attributes.mtime, attributes.mtime), follow_symlinks=False)
     except OSError as exc:
         failures.append(f"mtime: {exc.strerror}")
     if failures:
