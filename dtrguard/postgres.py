@@ -192,12 +192,13 @@ class Postgres:
             raise
         return side
 
-    def swap_in(self, databases: list[str]) -> None:
+    def swap_in(self, databases: list[str]) -> dict[str, str]:
         """Rename each database's restored side database into its place, all in one transaction.
 
         The databases they replace are renamed aside in the same transaction and dropped after it.
         Sessions still connected to either are ended first: DTR is stopped by then, so they are
-        leftovers, and a rename waits for none.
+        leftovers, and a rename waits for none. Returns the replaced databases that could not be
+        dropped, with the error: the restored data is in place by then, and the next restore drops them.
         """
         existing = {row[0] for row in self.query("select datname from pg_database")}
         statements = []
@@ -209,10 +210,15 @@ class Postgres:
         sql = "\n".join(statements).encode()
         command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-U", self.settings.user]
         _run_input(self.exec, self.container, [*command, "-d", "template1"], io.BytesIO(sql), "swap of databases")
+        not_dropped = {}
         for database in databases:
             if database in existing:
                 old = side_name(database, "old")
-                self._psql(f"drop database if exists {_ident(old)}", "template1").check(f"drop database {old}")
+                try:
+                    self._psql(f"drop database if exists {_ident(old)}", "template1").check(f"drop database {old}")
+                except DtrguardError as exc:
+                    not_dropped[old] = str(exc)
+        return not_dropped
 
     def _terminate(self, databases: list[str]) -> None:
         names = ", ".join(_literal(name) for name in databases)

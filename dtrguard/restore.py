@@ -127,8 +127,17 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
     if roles is not None:
         node.postgres.apply_globals(roles)
         databases = [a.source for a in manifest.artifacts if a.kind == "database"]
-        node.postgres.swap_in(databases)
+        not_dropped = node.postgres.swap_in(databases)
         _log.info("database.swapped", set_id=set_id, databases=databases)
+        for old, error in not_dropped.items():
+            _log.warning(
+                "database.old_not_dropped",
+                set_id=set_id,
+                database=old,
+                error=error,
+                detail="the restored databases are in place; this is the data they replaced",
+                hint=f"the next restore drops it, or drop it by hand: drop database {old}",
+            )
     else:
         restore_database(node, manifest, progress)
 

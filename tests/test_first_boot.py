@@ -338,6 +338,32 @@ def test_database_restore_all_or_nothing(make_node: Any, moto_server: Any, s3: A
         assert table_contents() == original
 
 
+def test_undroppable_old_database_only_warns(make_node: Any) -> None:
+    """The data is in place once the databases are renamed, so failing to drop the one replaced is a warning."""
+    node = node_with_data(make_node)
+    good = backup_once(node)
+    original = table_contents()
+    sql(None, "insert into repositories (namespace, name) values ('marker', 'replaced')", database="dtr")
+    sql(None, "alter database dtr is_template true")  # Postgres refuses to drop a template database
+
+    result = node.command("restore", good, "--force")
+    assert result.returncode == 0, result.stderr
+    warnings = [e for e in events_of(result.stderr) if e["event"] == "database.old_not_dropped"]
+    assert len(warnings) == 1
+    old = warnings[0]["database"]
+    assert old.startswith("dtrguard_old_")
+    assert "template" in warnings[0]["error"]
+    assert f"drop database {old}" in warnings[0]["hint"]
+    assert table_contents() == original
+    assert sql(None, f"select count(*) from pg_database where datname = '{old}'") == "1"
+
+    sql(None, f"alter database {old} is_template false")
+    result = node.command("restore", good, "--force")
+    assert result.returncode == 0, result.stderr
+    assert [e["databases"] for e in events_of(result.stderr) if e["event"] == "database.leftover_dropped"] == [[old]]
+    assert sql(None, "select count(*) from pg_database where datname like 'dtrguard%'") == "0"
+
+
 def test_marker_without_sets_never_empty(make_node: Any, s3: Any, bucket: str) -> None:
     node_a = node_with_data(make_node)
     backup_once(node_a)
