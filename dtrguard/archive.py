@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any, Protocol
 
 from dtrguard import log
 from dtrguard.errors import DtrguardError, IntegrityError
@@ -64,8 +64,8 @@ class Writable(Protocol):
 class ArchiveStats:
     """Counts of the files and bytes written to or read from one archive, and the paths to report.
 
-    Writing fills four lists. skipped: entries that vanished, sockets, and paths that stopped
-    being a regular file. shrank: padded with zeros to the size recorded in the archive. grew:
+    Writing fills four lists. skipped: entries that vanished, sockets, device files, and paths that
+    stopped being a regular file. shrank: padded with zeros to the size recorded in the archive. grew:
     cut at that size. modified: the same size, but written while it was read. Extracting fills
     attributes_failed and xattrs_failed with (path, reason) pairs.
     """
@@ -126,10 +126,10 @@ def write_archive(root: Path, excludes: Sequence[str], out: Writable) -> Archive
             hint="create it, or remove it from [[directories]] in the config",
         )
     stats = ArchiveStats()
-    with tarfile.open(fileobj=cast(IO[bytes], out), mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
-        for relative, path in walk(root, Excluder(excludes)):
-            _add(tar, relative, path, stats)
-            _forget_members(tar)
+    writer = _TarWriter(out)
+    for relative, path in walk(root, Excluder(excludes)):
+        _add(writer, relative, path, stats)
+    writer.close()
     changed = len(stats.shrank) + len(stats.grew) + len(stats.modified)
     if changed:
         _log.warning(
@@ -149,36 +149,98 @@ def write_archive(root: Path, excludes: Sequence[str], out: Writable) -> Archive
 def _forget_members(tar: tarfile.TarFile) -> None:
     """Drop the members tarfile keeps in its list, so memory does not grow with the number of files.
 
-    A stream, read or written, is passed once and never looks back at them.
+    A stream is read once from start to end, so the list is never used again.
     """
     members = getattr(tar, "members", None)
     if isinstance(members, list):
         members.clear()
 
 
-def _add(tar: tarfile.TarFile, relative: str, path: Path, stats: ArchiveStats) -> None:
-    try:
-        if stat.S_ISREG(os.lstat(path).st_mode):
-            _add_file(tar, relative, path, stats)
+class _TarWriter:
+    """Writes a PAX tar stream: each member's header as tarfile builds it, then its data padded to a block.
+
+    tarfile's own writer would also look up a user and group name for every member, copy each
+    member and keep it in a list, and pass the data through its 10,240-byte record buffer. dtrguard
+    stores numeric owners only, so the headers are the same without that work. Hard links are
+    recorded here, and only for files with more than one name.
+    """
+
+    COPY = 1 << 20  # bytes of file data read at a time
+
+    def __init__(self, out: Writable):
+        self.out = out
+        self.offset = 0
+        self.names: dict[tuple[int, int], str] = {}  # (inode, device) of files with several names
+
+    def add(self, info: tarfile.TarInfo, data: _Padded | None = None) -> None:
+        self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict"))
+        if data is None:
             return
-        info = tar.gettarinfo(str(path), arcname=relative)
+        while chunk := data.read(self.COPY):
+            self._write(chunk)
+        remainder = info.size % tarfile.BLOCKSIZE
+        if remainder:
+            self._write(bytes(tarfile.BLOCKSIZE - remainder))
+
+    def link_name(self, relative: str, status: os.stat_result) -> str | None:
+        """Return the name an earlier member gave this file, or None after recording relative as its name."""
+        if status.st_nlink < 2:
+            return None
+        inode = (status.st_ino, status.st_dev)
+        earlier = self.names.get(inode)
+        if earlier is None:
+            self.names[inode] = relative
+        return earlier
+
+    def close(self) -> None:
+        """End the archive with two zero blocks and pad it to a whole record, as tar does."""
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        remainder = self.offset % tarfile.RECORDSIZE
+        if remainder:
+            self._write(bytes(tarfile.RECORDSIZE - remainder))
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.offset += len(data)
+
+
+def _member(relative: str, status: os.stat_result, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    """Return the header of an entry with status, with numeric owners only: names differ between nodes."""
+    info = tarfile.TarInfo(relative)
+    info.type = kind
+    info.mode = stat.S_IMODE(status.st_mode)
+    info.uid, info.gid = status.st_uid, status.st_gid
+    info.mtime = status.st_mtime
+    info.linkname = linkname
+    return info
+
+
+def _add(writer: _TarWriter, relative: str, path: Path, stats: ArchiveStats) -> None:
+    """Archive one entry. Sockets and device files are skipped: a restore creates neither."""
+    try:
+        status = os.lstat(path)
+        if stat.S_ISREG(status.st_mode):
+            _add_file(writer, relative, path, stats)
+            return
+        if stat.S_ISDIR(status.st_mode):
+            info = _member(relative, status, tarfile.DIRTYPE)
+            info.pax_headers = _xattr_records(path)
+        elif stat.S_ISLNK(status.st_mode):
+            info = _member(relative, status, tarfile.SYMTYPE, os.readlink(path))
+        elif stat.S_ISFIFO(status.st_mode):
+            info = _member(relative, status, tarfile.FIFOTYPE)
+        else:
+            stats.skipped.append(relative)
+            return
     except OSError as exc:
         if not _replaced(exc):
             raise
         stats.skipped.append(relative)
         return
-    # None is a socket, which has nothing to archive. A regular file here replaced another entry after
-    # the lstat above. It is skipped because a header without its data would make the archive unreadable.
-    if info is None or info.isreg():
-        stats.skipped.append(relative)
-        return
-    info.uname = info.gname = ""  # numeric owners only: names differ between nodes
-    if info.isdir():
-        info.pax_headers = {**info.pax_headers, **_xattr_records(path)}
-    tar.addfile(info)
+    writer.add(info)
 
 
-def _add_file(tar: tarfile.TarFile, relative: str, path: Path, stats: ArchiveStats) -> None:
+def _add_file(writer: _TarWriter, relative: str, path: Path, stats: ArchiveStats) -> None:
     """Archive a regular file as it is once open: its header comes from the open file, then its data.
 
     The open does not follow a symlink or block on a FIFO, in case the path was replaced since it
@@ -187,21 +249,19 @@ def _add_file(tar: tarfile.TarFile, relative: str, path: Path, stats: ArchiveSta
     """
     descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(descriptor, "rb") as handle:
-        info = tar.gettarinfo(arcname=relative, fileobj=handle)
-        if info is None or not (info.isreg() or info.islnk()):
+        before = os.fstat(descriptor)
+        if not stat.S_ISREG(before.st_mode):
             stats.skipped.append(relative)
             return
-        info.uname = info.gname = ""
-        if info.islnk():  # another name of a file already in the archive
-            tar.addfile(info)
+        earlier = writer.link_name(relative, before)
+        if earlier is not None:  # another name of a file already in the archive
+            writer.add(_member(relative, before, tarfile.LNKTYPE, earlier))
             return
-        before = os.fstat(descriptor)
-        inodes = getattr(tar, "inodes", None)  # tarfile's record of inodes archived, for hard links
-        if before.st_nlink == 1 and isinstance(inodes, dict):  # a file with one name is never met again
-            inodes.pop((before.st_ino, before.st_dev), None)
-        info.pax_headers = {**info.pax_headers, **_xattr_records(descriptor)}
+        info = _member(relative, before, tarfile.REGTYPE)
+        info.size = before.st_size
+        info.pax_headers = _xattr_records(descriptor)
         reader = _Padded(handle, info.size)
-        tar.addfile(info, reader)
+        writer.add(info, reader)
         if reader.padded:
             stats.shrank.append(relative)
         elif handle.read(1):

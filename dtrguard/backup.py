@@ -151,7 +151,13 @@ def _both(
 def _archive(path: Path, excludes: list[str], out: ArtifactUpload) -> None:
     stats = write_archive(path, excludes, out)
     if stats.skipped:
-        _log.warning("archive.skipped", directory=str(path), count=len(stats.skipped), paths=stats.skipped[:20])
+        _log.warning(
+            "archive.skipped",
+            directory=str(path),
+            count=len(stats.skipped),
+            paths=stats.skipped[:20],
+            detail="left out: entries that vanished while listed, sockets and device files",
+        )
 
 
 def _dump(pg: Postgres, database: str, out: ArtifactUpload) -> None:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -209,6 +210,28 @@ def test_archive_records_numeric_owners(tmp_path: Path) -> None:
     assert stat.S_IMODE(conf.mode) == 0o2770
     assert link.islnk()
     assert link.linkname == "data/blob"
+
+
+def test_archive_skips_sockets_and_devices(tmp_path: Path) -> None:
+    """Extraction rejects device files, so an archive with one could not be restored."""
+    source, target = tmp_path / "source", tmp_path / "target"
+    build_source(source)
+    data = source / "data"
+    os.mkfifo(data / "pipe")
+    os.mknod(data / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(data / "control.sock"))
+        for path in (data / "pipe", data):
+            os.utime(path, ns=(MTIME_NS, MTIME_NS))
+        expected = expected_tree(source)
+        del expected["data/null"], expected["data/control.sock"]
+
+        stats = write_archive(source, EXCLUDES, buffer := io.BytesIO())
+    restore(buffer.getvalue(), target, EXCLUDES)
+
+    assert sorted(stats.skipped) == ["data/control.sock", "data/null"]
+    assert tree(target) == expected
+    assert stat.S_ISFIFO((target / "data" / "pipe").lstat().st_mode)
 
 
 def test_archive_skips_vanished_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
