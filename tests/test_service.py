@@ -16,7 +16,7 @@ import pytest
 
 from dtrguard.errors import EXIT_REFUSED
 
-from dtrnode import REPO, DtrNode, container_exec
+from dtrnode import REPO, Daemon, DtrNode, container_exec
 from servers import Relay
 
 PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
@@ -128,6 +128,16 @@ def test_restore_status_shows_progress(make_node: Any, notify_socket: NotifySock
     assert " % of " in restoring[-1]
 
 
+def idle_service(make_node: Any) -> tuple[DtrNode, Daemon]:
+    """Start the service on an installed, seeded node, with the next backup an hour away."""
+    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", interval="1h")
+    node.install()
+    node.seed()
+    daemon = node.start()
+    daemon.wait_for("schedule.start")
+    return node, daemon
+
+
 def accepts_sigterm(pid: int, tid: int) -> bool:
     """Report whether a thread leaves SIGTERM unblocked, so that kill() with its id hands the signal to it."""
     for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
@@ -138,11 +148,7 @@ def accepts_sigterm(pid: int, tid: int) -> bool:
 
 def test_sigterm_to_another_thread_stops_service(make_node: Any) -> None:
     """kill() with a thread's id hands the signal to that thread, and the service still stops at once."""
-    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", interval="1h")
-    node.install()
-    node.seed()
-    daemon = node.start()
-    daemon.wait_for("schedule.start")
+    node, daemon = idle_service(make_node)
     pid = daemon.process.pid
     others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid and accepts_sigterm(pid, int(tid))]
     assert others, "the service runs no thread besides the main one that accepts SIGTERM"
@@ -210,11 +216,7 @@ def test_prepare_image_removes_state(make_node: Any) -> None:
 
 
 def test_one_shot_commands_beside_service(make_node: Any) -> None:
-    node: DtrNode = make_node("i-0aaaaaaaaaaaaaaaa", interval="1h")
-    node.install()
-    node.seed()
-    daemon = node.start()
-    daemon.wait_for("schedule.start")
+    node, daemon = idle_service(make_node)
     status = node.command("status")
     assert f"service: running (pid {daemon.process.pid})" in status.stdout
     restore = node.command("restore", "latest", "--force")
