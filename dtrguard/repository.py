@@ -398,6 +398,8 @@ class ArtifactUpload:
             self.pending_size += len(stored)
 
     def _take_pending(self) -> bytes:
+        # NOTE: the pieces, the joined part and the part in flight coexist for a moment, a new 8 MiB
+        # allocation every part; the backup's peak RSS still grows with the data set (docs/benchmarks.md).
         part = b"".join(self.pending)
         self.pending, self.pending_size = [], 0
         return part
