@@ -344,9 +344,11 @@ class ArtifactUpload:
     """A zstd-compressing, optionally encrypting, hashing, multipart upload fed by write().
 
     One part goes up in a background thread while the next one fills, so compression and the
-    upload overlap; memory stays at about three parts (S3Settings.part_size, doubled after every
-    PARTS_PER_SIZE parts). A stream shorter than one part goes up with a single PutObject. Any
-    failure, or cancel being set, aborts the multipart upload so no orphaned parts remain.
+    upload overlap. The parts are two buffers of S3Settings.part_size bytes (doubled after every
+    PARTS_PER_SIZE parts), filled and sent in turn, so memory stays at two parts and is not
+    allocated again for every part. A stream shorter than one part goes up with a single
+    PutObject. Any failure, or cancel being set, aborts the multipart upload so no orphaned parts
+    remain.
     """
 
     def __init__(
@@ -361,10 +363,10 @@ class ArtifactUpload:
         self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
         self.encryptor = encryptor
         self.sha256 = hashlib.sha256()
-        # The next part, as the pieces the compressor gave: joined once when the part is full, so a
-        # part is copied once, not sliced out of a growing buffer.
-        self.pending: list[bytes] = []
-        self.pending_size = 0
+        self.buffer: bytearray | None = None  # the part being filled, up to filled
+        self.filled = 0
+        self.spare: bytearray | None = None  # the buffer of the part sent last, to fill again
+        self._sending: bytearray | None = None
         self.raw_size = 0
         self.size = 0
         self.upload_id: str | None = None
@@ -388,23 +390,30 @@ class ArtifactUpload:
             return
         self.sha256.update(stored)
         self.size += len(stored)
-        while self.pending_size + len(stored) >= self.part_size:
-            cut = self.part_size - self.pending_size
-            self.pending.append(stored[:cut])
-            stored = stored[cut:]
-            self._upload_part(self._take_pending())
-        if stored:
-            self.pending.append(stored)
-            self.pending_size += len(stored)
+        view = memoryview(stored)
+        while view:
+            if self.buffer is None:
+                self.buffer = self._empty_buffer()
+            count = min(len(self.buffer) - self.filled, len(view))
+            self.buffer[self.filled : self.filled + count] = view[:count]
+            self.filled += count
+            view = view[count:]
+            if self.filled == len(self.buffer):
+                part, self.buffer, self.filled = self.buffer, None, 0
+                self._upload_part(part)
 
-    def _take_pending(self) -> bytes:
-        # NOTE: the pieces, the joined part and the part in flight coexist for a moment, a new 8 MiB
-        # allocation every part; the backup's peak RSS still grows with the data set (docs/benchmarks.md).
-        part = b"".join(self.pending)
-        self.pending, self.pending_size = [], 0
-        return part
+    def _empty_buffer(self) -> bytearray:
+        """Return the spare buffer if it has the current part size, or a new one."""
+        spare, self.spare = self.spare, None
+        return spare if spare is not None and len(spare) == self.part_size else bytearray(self.part_size)
 
-    def _upload_part(self, part: bytes) -> None:
+    def _take_rest(self) -> bytearray:
+        """Return what the part being filled holds, as the last part."""
+        rest = self.buffer[: self.filled] if self.buffer is not None else bytearray()
+        self.buffer, self.filled = None, 0
+        return rest
+
+    def _upload_part(self, part: bytearray) -> None:
         """Wait for the part in flight, then send this one in the background."""
         self._wait_in_flight()
         if self.upload_id is None:
@@ -423,8 +432,10 @@ class ArtifactUpload:
         if len(self.parts) % self.parts_per_size == 0:
             self.part_size = min(self.part_size * 2, MAX_PART)
         self._in_flight = self._sender.submit(self._send_part, self.upload_id, entry, part)
+        self._sending = part
 
-    def _send_part(self, upload_id: str, entry: dict[str, Any], part: bytes) -> None:
+    def _send_part(self, upload_id: str, entry: dict[str, Any], part: bytearray) -> None:
+        # A bytearray body is sent as it is, where botocore would first join a bytes body to the headers.
         number = entry["PartNumber"]
         try:
             response = self.client.upload_part(
@@ -440,6 +451,7 @@ class ArtifactUpload:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             in_flight.result()
+            self.spare, self._sending = self._sending, None
 
     def _stop_sender(self) -> None:
         if self._sender is not None:
@@ -456,12 +468,12 @@ class ArtifactUpload:
                 self.client.put_object(
                     Bucket=self.repository.bucket,
                     Key=self.key,
-                    Body=self._take_pending(),
+                    Body=self._take_rest(),
                     **self.repository._encryption(),
                 )
             else:
-                if self.pending:
-                    self._upload_part(self._take_pending())
+                if self.filled:
+                    self._upload_part(self._take_rest())
                 self._wait_in_flight()
                 self._stop_sender()
                 self.client.complete_multipart_upload(
