@@ -102,9 +102,9 @@ def test_dump_failure_leaves_no_set(make_node: Any, s3: Any, bucket: str) -> Non
     node = node_with_data(make_node)
     good = backup_once(node)
     # pg_dump --version still works, so the backup gets past its version checks. Any other call
-    # waits for GO, which the test creates once both directories are uploaded, and then fails: the
-    # databases are dumped beside the directories, and without the wait the failure could stop the
-    # directories before any artifact exists to clean up.
+    # waits for GO, which the test creates once both directories are uploaded, and then fails.
+    # The databases are dumped beside the directories, so without the wait the failure could stop
+    # the directories before any artifact exists to clean up.
     script = (
         f'[ "$1" = --version ] && exec {PG_DUMP}.real --version; '
         f"while [ ! -e {GO} ]; do sleep 0.1; done; "
@@ -344,7 +344,7 @@ def test_undroppable_old_database_only_warns(make_node: Any) -> None:
     good = backup_once(node)
     original = table_contents()
     sql(None, "insert into repositories (namespace, name) values ('marker', 'replaced')", database="dtr")
-    sql(None, "alter database dtr is_template true")  # Postgres refuses to drop a template database
+    sql(None, "alter database dtr is_template true")  # Postgres does not drop a template database
 
     result = node.command("restore", good, "--force")
     assert result.returncode == 0, result.stderr
