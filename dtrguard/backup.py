@@ -19,7 +19,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dtrguard import __version__, lease, log
-from dtrguard.archive import write_archive
+from dtrguard.archive import EXAMPLES, write_archive
 from dtrguard.cancel import ChildEvent, wait_waking
 from dtrguard.crypto import DataKey
 from dtrguard.errors import Aborted
@@ -155,7 +155,7 @@ def _archive(path: Path, excludes: list[str], out: ArtifactUpload) -> None:
             "archive.skipped",
             directory=str(path),
             count=len(stats.skipped),
-            paths=stats.skipped[:20],
+            paths=stats.skipped[:EXAMPLES],
             detail="left out: entries that vanished while listed, sockets and device files",
         )
 

@@ -135,7 +135,7 @@ def restore_set(node: Node, manifest: Manifest, cancel: threading.Event, progres
                 set_id=set_id,
                 database=old,
                 error=error,
-                detail="the restored databases are in place; this is the data they replaced",
+                detail="the restored databases are in place, and this one contains the data they replaced",
                 hint=f"the next restore drops it, or drop it by hand: drop database {old}",
             )
     else:
