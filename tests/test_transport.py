@@ -138,3 +138,42 @@ def test_mount_invisible_to_container_falls_back(postgres: Postgres, tmp_path: P
     impostor.mkdir()
     shared = fifo.SharedDir(impostor, fifo.PurePosixPath(PGDATA), PG_UID)
     assert not fifo._container_sees(postgres.exec, postgres.container, shared)
+
+
+def switches() -> int:
+    """Return how often this thread has given up the CPU to wait."""
+    with open("/proc/thread-self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches:"))
+
+
+def test_fifo_passes_large_chunks(postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pg_dump writes 8 KB at a time and pg_restore reads a few KB, and dtrguard waits for more than that."""
+    if not (tmp_path / "pgdata").exists():
+        pytest.skip("only a shared mount holds FIFOs")
+    postgres.query("create table big as select g as id, md5(g::text) as payload from generate_series(1, 400000) g")
+    measured: dict[float, tuple[int, int]] = {}
+    dumps: list[bytes] = []
+    for pause in (0.0, fifo.PAUSE):
+        monkeypatch.setattr(fifo, "PAUSE", pause)
+        chunks: list[int] = []
+        out = bytearray()
+
+        def sink(chunk: bytes) -> None:
+            chunks.append(len(chunk))  # noqa: B023
+            out.extend(chunk)  # noqa: B023
+
+        postgres.dump_database("postgres", sink)
+        postgres.ensure_database(f"copy{len(measured)}", "postgres")
+        before = switches()
+        postgres.restore_database(f"copy{len(measured)}", io.BytesIO(out), clean=False)
+        measured[pause] = (len(chunks), switches() - before)
+        dumps.append(bytes(out))
+    (reads_each, waits_each), (reads_paused, waits_paused) = measured.values()
+    print(f"reads {reads_each} -> {reads_paused}, waits {waits_each} -> {waits_paused}")
+    assert len(dumps[0]) > 10_000_000
+    assert dumps[1].startswith(b"PGDMP")
+    assert len(dumps[1]) == len(dumps[0])
+    assert reads_paused * 4 <= reads_each, measured
+    assert waits_paused * 4 <= waits_each, measured
+    query = "select count(*), md5(string_agg(payload, '' order by id)) from big"
+    assert postgres.query(query, "copy1") == postgres.query(query, "postgres")
