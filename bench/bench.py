@@ -286,6 +286,9 @@ class Bench:
         assert self.src is not None
         self.phase("dtrguard", "backup", rnd, f"{python} -m dtrguard --config {backup_cfg} backup",
                    [self.src], prefix=prefix + "/")  # fmt: skip
+        if self.args.backups_only:
+            self.delete_prefix(prefix + "/")
+            return
         # One GET per artifact (the default), then ranged GETs, 4 in flight (s3.download_streams).
         for phase, streams in (("restore", 1), (f"restore (ranged GETs, {RANGED_STREAMS} streams)", RANGED_STREAMS)):
             restore_cfg = self.dtrguard_config("restore", prefix, DST, f"download_streams = {streams}\n")
@@ -346,6 +349,9 @@ install_command = ["false"]
             f" && tar -czf - -C {self.node} etc var | {aws} - {url}/dirs.tar.gz"
         )
         self.phase("shell", "backup", rnd, backup, [self.src], prefix=f"shell/r{rnd}/")
+        if self.args.backups_only:
+            self.delete_prefix(f"shell/r{rnd}/")
+            return
         one_stream = self.work / "aws-one-stream.cfg"
         one_stream.write_text("[default]\ns3 =\n    multipart_threshold = 64GB\n")
         for name, env in (("restore", {**self.env, "AWS_CONFIG_FILE": str(one_stream)}),
@@ -381,6 +387,9 @@ install_command = ["false"]
             f" | restic -q backup --host bench --tag db --stdin --stdin-filename dtr.dump"
         )
         self.phase("restic", "backup", rnd, backup, [self.src], env=env, prefix=f"restic/r{rnd}/")
+        if self.args.backups_only:
+            self.delete_prefix(f"restic/r{rnd}/")
+            return
         shutil.rmtree(self.work / "restic-cache", ignore_errors=True)  # a new node has no cache
         dst = self.fresh_dst()
         target = self.work / "restore-restic"
@@ -412,6 +421,9 @@ install_command = ["false"]
             f' && for f in {self.wal}/*; do {bindir}/barman-cloud-wal-archive -z {endpoint} {url} pg "$f" || exit 1; done'
         )
         self.phase("barman", "backup (database only)", rnd, backup, [self.src], prefix=f"barman/r{rnd}/")
+        if self.args.backups_only:
+            self.delete_prefix(f"barman/r{rnd}/")
+            return
         self.fresh_dst(start=False)
         data = self.dst_root / "data"
         walcopy = self.shared / "barman-wal"
@@ -597,6 +609,7 @@ def main() -> int:
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md",
                         help="write the results section of this file ('' to skip)")  # fmt: skip
     parser.add_argument("--dtrguard-ref", default="HEAD", help="the git commit of dtrguard to measure")
+    parser.add_argument("--backups-only", action="store_true", help="leave out every tool's restore phases")
     parser.add_argument("--label", default="", help="a note printed above the results, e.g. 'development run'")
     args = parser.parse_args()
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
