@@ -1,13 +1,14 @@
 """Take one backup set: every directory, the roles and every database, then the manifest.
 
-The directories are archived in one thread while the roles and databases are dumped in
-another, so the dump, which waits on Postgres, overlaps the archiving, which waits on the
-disk and on zstd. The manifest goes up last, so a failure at any step leaves no set: the
+Two threads share the work. One archives the directories while the other asks Postgres what
+to dump and starts the largest database's dump. Then each thread takes the next job left: the
+other dumps, the roles, and the facts the manifest records. The manifest goes up last, so a failure at any step leaves no set: the
 artifacts already uploaded for it are deleted and earlier sets are never touched.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import threading
@@ -23,13 +24,14 @@ from dtrguard.archive import EXAMPLES, write_archive
 from dtrguard.cancel import ChildEvent, wait_waking
 from dtrguard.crypto import DataKey
 from dtrguard.errors import Aborted
-from dtrguard.manifest import Artifact, Manifest, new_set_id, utc_now
+from dtrguard.manifest import Artifact, Container, Manifest, new_set_id, utc_now
 from dtrguard.node import Node
-from dtrguard.postgres import Postgres
+from dtrguard.postgres import DumpRoute, Postgres
 from dtrguard.repository import ArtifactUpload
 from dtrguard.state import Leftovers
 
 _log = log.get("backup")
+GLOBALS = "globals.sql.zst"
 
 
 def take_backup(
@@ -71,43 +73,52 @@ def take_backup(
 
 
 def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader, take_lease: bool) -> Manifest:
-    containers = node.dtr.describe()
     pg = node.postgres
-    pg.wait_ready()
-    server_version, server_version_num = pg.server_version()
-    dump_tool = pg.dump_tool_version()
-    databases = pg.databases()
-    row_counts = {name: pg.row_counts(name) for name in databases}
+    found: dict[str, Artifact] = {}
+    facts = _Facts()
+    lanes = _Lanes(uploader.stop)
 
-    def archive_directories() -> list[Artifact]:
-        found = []
-        for directory in node.settings.directories:
-            produce = functools.partial(_archive, directory.path, node.excludes(directory))
-            found.append(uploader.upload(f"{directory.name}.tar.zst", "directory", str(directory.path), produce))
-        return found
+    def archive(name: str, path: Path, excludes: list[str]) -> None:
+        found[name] = uploader.upload(name, "directory", str(path), functools.partial(_archive, path, excludes))
 
-    def dump_databases() -> list[Artifact]:
-        found = [uploader.upload("globals.sql.zst", "globals", "", lambda out: pg.dump_globals(out.write))]
-        for name, owner in databases.items():
-            artifact = uploader.upload(f"db-{name}.dump.zst", "database", name, functools.partial(_dump, pg, name))
-            found.append(dataclasses.replace(artifact, owner=owner))
-        return found
+    def dump(name: str, database: str, owner: str, route: DumpRoute) -> None:
+        artifact = uploader.upload(name, "database", database, functools.partial(_dump, pg, database, route))
+        found[name] = dataclasses.replace(artifact, owner=owner)
 
-    directories, dumps = _both(archive_directories, dump_databases, uploader.stop)
-    artifacts = [*directories, *dumps]
+    def dump_globals() -> None:
+        found[GLOBALS] = uploader.upload(GLOBALS, "globals", "", lambda out: pg.dump_globals(out.write))
+
+    def describe(databases: list[str]) -> None:
+        facts.containers = node.dtr.describe()
+        facts.server_version = pg.server_version()
+        facts.row_counts = {name: pg.row_counts(name) for name in databases}
+
+    def plan() -> None:
+        pg.wait_ready()
+        databases = pg.databases()
+        route = pg.dump_route()
+        facts.dump_tool_version = route.tool_version
+        dumps = [functools.partial(dump, _dump_name(name), name, owner, route) for name, owner in databases.items()]
+        lanes.share([*dumps, dump_globals, functools.partial(describe, list(databases))])
+
+    directories = [(f"{d.name}.tar.zst", d.path, node.excludes(d)) for d in node.settings.directories]
+    lanes.run([functools.partial(archive, *directory) for directory in directories], plan)
+    # The manifest lists the directories in their configured order, then the globals, then the databases by name.
+    names = [name for name, _, _ in directories] + [GLOBALS]
+    names += sorted(name for name in found if name not in names)
     manifest = Manifest(
         set_id=uploader.set_id,
         started_at=started_at,
         finished_at=utc_now().isoformat(),
         instance_id=instance_id,
         dtrguard_version=__version__,
-        artifacts=tuple(artifacts),
-        containers=containers,
-        dtr_version=node.dtr.version(containers),
-        postgres_server_version=server_version,
-        postgres_server_version_num=server_version_num,
-        dump_tool_version=dump_tool,
-        row_counts=row_counts,
+        artifacts=tuple(found[name] for name in names),
+        containers=facts.containers,
+        dtr_version=node.dtr.version(facts.containers),
+        postgres_server_version=facts.server_version[0],
+        postgres_server_version_num=facts.server_version[1],
+        dump_tool_version=facts.dump_tool_version,
+        row_counts=facts.row_counts,
         encryption=uploader.data_key.envelope if uploader.data_key else None,
     )
     writer = lease.take if take_lease else lease.renew
@@ -117,35 +128,89 @@ def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader,
     return manifest
 
 
-def _both(
-    first: Callable[[], list[Artifact]], second: Callable[[], list[Artifact]], stop: threading.Event
-) -> tuple[list[Artifact], list[Artifact]]:
-    """Run first in a thread and second in this one, and return both results.
+def _dump_name(database: str) -> str:
+    return f"db-{database}.dump.zst"
 
-    The first to fail sets stop, which ends the other at its next write. The error raised is that
-    failure, not the Aborted of the side it stopped.
+
+@dataclasses.dataclass
+class _Facts:
+    """What the manifest records besides the artifacts, gathered while they upload."""
+
+    containers: tuple[Container, ...] = ()
+    server_version: tuple[str, int] = ("", 0)
+    dump_tool_version: str = ""
+    row_counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+
+class _Lanes:
+    """Two threads sharing a set's jobs, so that the largest dump never waits for a small one.
+
+    One thread archives the directories while the other finds the databases and shares their
+    dumps, largest first, and the facts the manifest needs. Then each takes the next shared job
+    until none is left. The first job to fail sets stop, which ends the other thread's job at its
+    next write and keeps both from taking more. The error raised is that first failure, or the
+    first that is not an Aborted caused by it.
     """
 
-    def guarded(work: Callable[[], list[Artifact]]) -> list[Artifact]:
-        try:
-            return work()
-        except BaseException:
-            stop.set()
-            raise
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self.shared = threading.Event()  # set once the shared jobs are queued, or when planning failed
+        self.failure: BaseException | None = None  # the first job's error, which set stop
+        self.lock = threading.Lock()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive") as pool:
-        future = pool.submit(guarded, first)
-        second_error: BaseException | None = None
+    def share(self, jobs: list[Callable[[], None]]) -> None:
+        self.jobs.extend(jobs)
+        self.shared.set()
+
+    def run(self, first: list[Callable[[], None]], plan: Callable[[], None]) -> None:
+        """Run the jobs in first, then shared ones, in a thread, and plan, then shared jobs, in this one."""
+
+        def archive_side() -> None:
+            for job in first:
+                self._guarded(job)
+            self.shared.wait()
+            self._take_shared()
+
+        def plan_side() -> None:
+            try:
+                self._guarded(plan)
+            finally:
+                self.shared.set()
+            self._take_shared()
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive") as pool:
+            future = pool.submit(archive_side)
+            plan_error: BaseException | None = None
+            try:
+                plan_side()
+            except BaseException as exc:
+                plan_error = exc
+            wait_waking(future)
+            archive_error = future.exception()
+        errors = [e for e in (self.failure, archive_error, plan_error) if e is not None]
+        if errors:
+            raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
+
+    def _take_shared(self) -> None:
+        while True:
+            try:
+                job = self.jobs.popleft()
+            except IndexError:
+                return
+            self._guarded(job)
+
+    def _guarded(self, job: Callable[[], None]) -> None:
+        if self.stop.is_set():
+            raise Aborted("backup stopped on request")
         try:
-            second_result = guarded(second)
+            job()
         except BaseException as exc:
-            second_error = exc
-        wait_waking(future)
-        first_error = future.exception()
-    errors = [e for e in (first_error, second_error) if e is not None]
-    if errors:
-        raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
-    return future.result(), second_result
+            with self.lock:
+                if self.failure is None:
+                    self.failure = exc
+            self.stop.set()
+            raise
 
 
 def _archive(path: Path, excludes: list[str], out: ArtifactUpload) -> None:
@@ -160,8 +225,8 @@ def _archive(path: Path, excludes: list[str], out: ArtifactUpload) -> None:
         )
 
 
-def _dump(pg: Postgres, database: str, out: ArtifactUpload) -> None:
-    pg.dump_database(database, out.write)
+def _dump(pg: Postgres, database: str, route: DumpRoute, out: ArtifactUpload) -> None:
+    pg.dump_database(database, out.write, route)
 
 
 class _SetUploader:
@@ -174,7 +239,7 @@ class _SetUploader:
         self.set_id = set_id
         self.stop = ChildEvent(cancel)  # set by a failing side of the set, or with cancel
         self.data_key = data_key
-        self.uploaded: list[str] = []
+        self.uploaded: list[str] = []  # keys to delete if the set fails, some perhaps never stored
         self.leftovers = leftovers  # what S3 did not let this set's clean-up remove
 
     def upload(self, name: str, kind: str, source: str, produce: Callable[[ArtifactUpload], object]) -> Artifact:
@@ -188,6 +253,8 @@ class _SetUploader:
             upload_id = upload.upload_id
             if not upload.abort() and upload_id is not None:
                 self.leftovers.uploads.append([upload.key, upload_id])
+            if upload.may_exist:
+                self.uploaded.append(upload.key)
             raise
         self.uploaded.append(upload.key)
         seconds = round(time.monotonic() - clock, 2)

@@ -20,6 +20,7 @@ import io
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 from dtrguard import fifo, log
@@ -52,6 +53,15 @@ def side_name(database: str, kind: str) -> str:
     """
     assert kind in _SIDE_KINDS
     return f"dtrguard_{kind}_{hashlib.sha256(database.encode()).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class DumpRoute:
+    """How the dumps of one backup set reach dtrguard, found once for the set."""
+
+    shared: fifo.SharedDir | None  # the mount that FIFOs pass through, or None for the exec stream
+    tool_version: str  # pg_dump --version in the container
+    flags: tuple[str, ...]  # pg_dump options that writing into a FIFO needs
 
 
 class Postgres:
@@ -99,13 +109,13 @@ class Postgres:
         )
 
     def databases(self) -> dict[str, str]:
-        """Return every non-template database that accepts connections, with its owner.
+        """Return every non-template database that accepts connections with its owner, largest first.
 
         A restore's side databases are left out: they are never backed up.
         """
         rows = self.query(
             "select datname, pg_get_userbyid(datdba) from pg_database"
-            " where not datistemplate and datallowconn order by 1"
+            " where not datistemplate and datallowconn order by pg_database_size(oid) desc, datname"
         )
         return {name: owner for name, owner in rows if not _SIDE_PATTERN.match(name)}
 
@@ -124,18 +134,29 @@ class Postgres:
             fifo.remove_stale(shared)
         return shared
 
-    def dump_database(self, database: str, sink: Callable[[bytes], Any]) -> None:
-        """Stream one database in custom format, uncompressed, to sink."""
+    def dump_route(self) -> DumpRoute:
+        """Find how dumps reach dtrguard: through a FIFO in a shared mount, or through the exec stream."""
+        shared = self.shared_dir()
+        version = self.dump_tool_version()
+        # pg_dump 10 and newer fsync their output file, which a FIFO refuses.
+        no_sync = ("--no-sync",) if shared is not None and _major(version) >= 10 else ()
+        return DumpRoute(shared, version, no_sync)
+
+    def dump_database(self, database: str, sink: Callable[[bytes], Any], route: DumpRoute | None = None) -> None:
+        """Stream one database in custom format, uncompressed, to sink.
+
+        route, from dump_route(), saves finding it again for each database of a set.
+        """
         command = ["pg_dump", "-Fc", "-Z0", "-U", self.settings.user, "-d", database]
         what = f"pg_dump of database {database} in {self.container}"
         checked = _DumpCheck(sink, what)
-        shared = self.shared_dir()
+        if route is None:
+            route = self.dump_route()
+        shared = route.shared
         with contextlib.ExitStack() as stack:
             host, inside = stack.enter_context(fifo.fifo_in(shared)) if shared else (None, None)
             if shared is not None and host is not None:
-                # pg_dump 10 and newer fsync their output file, which a FIFO refuses.
-                no_sync = ["--no-sync"] if _major(self.dump_tool_version()) >= 10 else []
-                command = [*command, *no_sync, "-f", str(inside)]
+                command = [*command, *route.flags, "-f", str(inside)]
                 result = fifo.read_through(self.exec, self.container, command, str(shared.uid), host, checked)
             else:
                 result = self.exec.stream_out(self.container, command, checked)

@@ -374,6 +374,9 @@ class ArtifactUpload:
         self.part_sizes: list[int] = []
         self._sender: ThreadPoolExecutor | None = None
         self._in_flight: Future[None] | None = None
+        # Set once the request that creates the object is sent. When it fails, S3 may still have
+        # made the object (the response was lost), so a caller cleaning up must delete the key.
+        self.may_exist = False
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.cancel.is_set():
@@ -465,6 +468,7 @@ class ArtifactUpload:
         self._push(self.compressor.flush(), last=True)
         try:
             if self.upload_id is None:
+                self.may_exist = True
                 self.client.put_object(
                     Bucket=self.repository.bucket,
                     Key=self.key,
@@ -476,6 +480,7 @@ class ArtifactUpload:
                     self._upload_part(self._take_rest())
                 self._wait_in_flight()
                 self._stop_sender()
+                self.may_exist = True
                 self.client.complete_multipart_upload(
                     Bucket=self.repository.bucket,
                     Key=self.key,

@@ -117,7 +117,11 @@ def test_s3_stops_during_upload(make_node: Any, moto_server: MotoServer, s3: Any
         assert (key, upload_id) in open_uploads(s3, bucket)
         recorded = leftovers(node)
         assert recorded["uploads"] == [[key, upload_id]]
-        assert sorted(recorded["keys"]) == set_objects(s3, bucket, failed_set) != []
+        # Every object of the set is recorded. So may be an artifact whose last request got no
+        # response: S3 might have stored it.
+        stored = set_objects(s3, bucket, failed_set)
+        assert stored
+        assert set(stored) <= set(recorded["keys"])
         relay.up()
         daemon.wait_for("backup.end")
         removed = daemon.named("leftovers.removed")
@@ -127,8 +131,9 @@ def test_s3_stops_during_upload(make_node: Any, moto_server: MotoServer, s3: Any
 
     failed_run = run_events(daemon, failed_set)
     assert [e for e in failed_run if e["level"] == "error"] == [failure]
-    assert key in failure["error"]
-    assert "S3 upload" in failure["error"]
+    # The dump in flight, or an artifact the other thread had started meanwhile.
+    prefix = key.split("/sets/")[0]
+    assert f"S3 upload of {prefix}/sets/{failed_set}/" in failure["error"]
     assert failure["leftovers"] == 1 + len(recorded["keys"])
     assert len(removed) == 1
     assert removed[0]["uploads_aborted"] == 1

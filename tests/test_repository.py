@@ -9,6 +9,7 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from botocore.exceptions import ConnectionClosedError
 
 from dtrguard.config import S3Settings
 from dtrguard.errors import Aborted, IntegrityError, RepositoryUnavailable
@@ -140,6 +141,26 @@ def test_upload_cancel_aborts_multipart(moto_server: Any, bucket: str, s3: Any) 
     writer.abort()
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+@pytest.mark.parametrize(("operation", "size"), [("PutObject", 1000), ("CompleteMultipartUpload", 6 * MiB)])
+def test_lost_response_marks_object_maybe_stored(
+    moto_server: Any, bucket: str, s3: Any, operation: str, size: int
+) -> None:
+    """S3 stored the object but its response was lost: the upload fails and says the key may exist."""
+    repository = make_repository(moto_server.url, bucket)
+
+    def lose_response(**kwargs: Any) -> None:
+        raise ConnectionClosedError(endpoint_url=moto_server.url)
+
+    repository.client.meta.events.register(f"after-call.s3.{operation}", lose_response)
+    writer = repository.upload(new_set_id(utc_now()), "lost", threading.Event())
+    writer.write(os.urandom(size))
+    assert not writer.may_exist
+    with pytest.raises(RepositoryUnavailable):
+        writer.finish()
+    assert writer.may_exist
+    assert s3.head_object(Bucket=bucket, Key=writer.key)["ContentLength"] > 0
 
 
 def test_manifest_never_overwritten(moto_server: Any, bucket: str) -> None:
