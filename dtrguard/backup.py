@@ -2,8 +2,10 @@
 
 Two threads share the work. One archives the directories while the other asks Postgres what
 to dump and starts the largest database's dump. Then each thread takes the next job left: the
-other dumps, the roles, and the facts the manifest records. The manifest goes up last, so a failure at any step leaves no set: the
-artifacts already uploaded for it are deleted and earlier sets are never touched.
+other dumps, the roles, and the facts the manifest records.
+
+The manifest goes up last, so a failure at any step leaves no set: the artifacts already
+uploaded for it are deleted and earlier sets are never touched.
 """
 
 from __future__ import annotations
