@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -93,10 +94,10 @@ class Excluder:
         return any(fnmatch.fnmatchcase(relative, pattern) for pattern in self.patterns)
 
 
-def walk(root: Path, excluded: Excluder) -> Iterator[tuple[str, Path]]:
+def walk(root: Path, excluded: Excluder) -> Iterator[tuple[str, str]]:
     """Yield (relative name, path) for root and everything below it that is not excluded."""
-    yield ".", root
-    stack = [(root, "")]
+    yield ".", str(root)
+    stack = [(str(root), "")]
     while stack:
         directory, prefix = stack.pop()
         try:
@@ -107,9 +108,9 @@ def walk(root: Path, excluded: Excluder) -> Iterator[tuple[str, Path]]:
             relative = f"{prefix}{entry.name}"
             if excluded(relative):
                 continue
-            yield relative, Path(entry.path)
+            yield relative, entry.path
             if entry.is_dir(follow_symlinks=False):
-                stack.append((Path(entry.path), f"{relative}/"))
+                stack.append((entry.path, f"{relative}/"))
 
 
 def write_archive(root: Path, excludes: Sequence[str], out: Writable) -> ArchiveStats:
@@ -157,12 +158,11 @@ def _forget_members(tar: tarfile.TarFile) -> None:
 
 
 class _TarWriter:
-    """Writes a PAX tar stream: each member's header as tarfile builds it, then its data padded to a block.
+    """Writes a PAX tar stream: each member's header blocks, then its data padded to a block.
 
-    tarfile's own writer would also look up a user and group name for every member, copy each
-    member and keep it in a list, and pass the data through its 10,240-byte record buffer. dtrguard
-    stores numeric owners only, so the headers are the same without that work. Hard links are
-    recorded here, and only for files with more than one name.
+    The headers are built here (see _header), with numeric owners only, and hard links are
+    recorded only for files with more than one name. tarfile's writer would look up a user and a
+    group name for every member and keep every member in a list.
     """
 
     COPY = 1 << 20  # bytes of file data read at a time
@@ -172,15 +172,15 @@ class _TarWriter:
         self.offset = 0
         self.names: dict[tuple[int, int], str] = {}  # (inode, device) of files with several names
 
-    def add(self, info: tarfile.TarInfo, data: _Padded | None = None) -> None:
-        self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict"))
+    def add(self, header: bytes, size: int = 0, data: _Padded | None = None) -> None:
+        self._write(header)
         if data is None:
             return
         while chunk := data.read(self.COPY):
             self._write(chunk)
-        remainder = info.size % tarfile.BLOCKSIZE
+        remainder = size % BLOCK
         if remainder:
-            self._write(bytes(tarfile.BLOCKSIZE - remainder))
+            self._write(bytes(BLOCK - remainder))
 
     def link_name(self, relative: str, status: os.stat_result) -> str | None:
         """Return the name an earlier member gave this file, or None after recording relative as its name."""
@@ -194,7 +194,7 @@ class _TarWriter:
 
     def close(self) -> None:
         """End the archive with two zero blocks and pad it to a whole record, as tar does."""
-        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes(2 * BLOCK))
         remainder = self.offset % tarfile.RECORDSIZE
         if remainder:
             self._write(bytes(tarfile.RECORDSIZE - remainder))
@@ -204,18 +204,93 @@ class _TarWriter:
         self.offset += len(data)
 
 
-def _member(relative: str, status: os.stat_result, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
-    """Return the header of an entry with status, with numeric owners only: names differ between nodes."""
-    info = tarfile.TarInfo(relative)
-    info.type = kind
-    info.mode = stat.S_IMODE(status.st_mode)
-    info.uid, info.gid = status.st_uid, status.st_gid
-    info.mtime = status.st_mtime
-    info.linkname = linkname
-    return info
+BLOCK = 512
+# A ustar header: name, mode, uid, gid, size, mtime, checksum, type, link name, magic and version,
+# user and group names, device numbers, name prefix, padding (POSIX.1-2001, pax format).
+_USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s8s32s32s8s8s155s12x")
+_MAGIC = b"ustar\x0000"
+_CHECKSUM = slice(148, 156)
+_NO_CHECKSUM = b" " * 8  # the checksum is computed with its own field as spaces
+# The numeric fields and their widths in bytes: octal digits, then a NUL. A value too large for its
+# field, or with a fraction, goes into a pax record.
+_NUMBERS = (("uid", 8), ("gid", 8), ("size", 12), ("mtime", 12))
 
 
-def _add(writer: _TarWriter, relative: str, path: Path, stats: ArchiveStats) -> None:
+def _header(
+    relative: str,
+    status: os.stat_result,
+    kind: bytes,
+    size: int = 0,
+    linkname: str = "",
+    records: dict[str, str] | None = None,
+) -> bytes:
+    """Return the header blocks of a member: a pax extended header when needed, then the ustar block.
+
+    The extended header carries what the ustar block cannot: the exact mtime (always, since it has
+    fractions of a second), xattrs, names that are long or not ASCII, and numbers too large for
+    their field. The output is the same as that of tarfile's TarInfo.tobuf in pax format with
+    numeric owners, which tests/test_archive.py checks.
+    """
+    name = relative + "/" if kind == tarfile.DIRTYPE and not relative.endswith("/") else relative
+    pax = dict(records or {})
+    for key, text in (("path", name), ("linkpath", linkname)):
+        if not text.isascii() or len(text) > 100:
+            pax.setdefault(key, text)
+    values = {"uid": status.st_uid, "gid": status.st_gid, "size": size, "mtime": status.st_mtime}
+    fields = {}
+    for key, digits in _NUMBERS:
+        value = values[key]
+        whole = round(value)
+        if 0 <= whole < 8 ** (digits - 1):
+            fields[key] = whole
+            if isinstance(value, float):
+                pax.setdefault(key, str(value))
+        else:
+            fields[key] = 0
+            pax.setdefault(key, str(value))
+    block = _ustar(
+        name.encode("ascii", "replace"),
+        stat.S_IMODE(status.st_mode),
+        fields["uid"],
+        fields["gid"],
+        fields["size"],
+        fields["mtime"],
+        kind,
+        linkname.encode("ascii", "replace"),
+    )
+    return _pax_header(pax) + block if pax else block
+
+
+def _ustar(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, kind: bytes, linkname: bytes) -> bytes:
+    """Return one ustar header block, its checksum filled in. Names longer than their field are cut."""
+    block = _USTAR.pack(
+        name, b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid, b"%011o\0" % size, b"%011o\0" % mtime,
+        _NO_CHECKSUM, kind, linkname, _MAGIC, b"", b"", b"", b"", b"",
+    )  # fmt: skip
+    return block[: _CHECKSUM.start] + b"%06o\0 " % sum(block) + block[_CHECKSUM.stop :]
+
+
+def _pax_header(pax: dict[str, str]) -> bytes:
+    """Return an extended header block and its records, padded to a block.
+
+    Each record is "<length> <keyword>=<value>\\n", its length counting its own digits. Values
+    that contain bytes that are not UTF-8 (kept as surrogates) are written as their raw bytes, after
+    a first record hdrcharset=BINARY.
+    """
+    binary = not all(_is_utf8(value) for value in pax.values())
+    records = [b"21 hdrcharset=BINARY\n"] if binary else []
+    for key, value in pax.items():
+        line = b" " + key.encode() + b"=" + value.encode("utf-8", "surrogateescape" if binary else "strict") + b"\n"
+        digits = len(str(len(line)))
+        if len(str(len(line) + digits)) > digits:
+            digits += 1
+        records.append(str(len(line) + digits).encode() + line)
+    body = b"".join(records)
+    block = _ustar(b"././@PaxHeader", 0, 0, 0, len(body), 0, tarfile.XHDTYPE, b"")
+    return block + body + bytes(-len(body) % BLOCK)
+
+
+def _add(writer: _TarWriter, relative: str, path: str, stats: ArchiveStats) -> None:
     """Archive one entry. Sockets and device files are skipped: a restore creates neither."""
     try:
         status = os.lstat(path)
@@ -223,12 +298,11 @@ def _add(writer: _TarWriter, relative: str, path: Path, stats: ArchiveStats) -> 
             _add_file(writer, relative, path, stats)
             return
         if stat.S_ISDIR(status.st_mode):
-            info = _member(relative, status, tarfile.DIRTYPE)
-            info.pax_headers = _xattr_records(path)
+            header = _header(relative, status, tarfile.DIRTYPE, records=_xattr_records(path))
         elif stat.S_ISLNK(status.st_mode):
-            info = _member(relative, status, tarfile.SYMTYPE, os.readlink(path))
+            header = _header(relative, status, tarfile.SYMTYPE, linkname=os.readlink(path))
         elif stat.S_ISFIFO(status.st_mode):
-            info = _member(relative, status, tarfile.FIFOTYPE)
+            header = _header(relative, status, tarfile.FIFOTYPE)
         else:
             stats.skipped.append(relative)
             return
@@ -237,10 +311,10 @@ def _add(writer: _TarWriter, relative: str, path: Path, stats: ArchiveStats) -> 
             raise
         stats.skipped.append(relative)
         return
-    writer.add(info)
+    writer.add(header)
 
 
-def _add_file(writer: _TarWriter, relative: str, path: Path, stats: ArchiveStats) -> None:
+def _add_file(writer: _TarWriter, relative: str, path: str, stats: ArchiveStats) -> None:
     """Archive a regular file as it is once open: its header comes from the open file, then its data.
 
     The open does not follow a symlink or block on a FIFO, in case the path was replaced since it
@@ -255,13 +329,11 @@ def _add_file(writer: _TarWriter, relative: str, path: Path, stats: ArchiveStats
             return
         earlier = writer.link_name(relative, before)
         if earlier is not None:  # another name of a file already in the archive
-            writer.add(_member(relative, before, tarfile.LNKTYPE, earlier))
+            writer.add(_header(relative, before, tarfile.LNKTYPE, linkname=earlier))
             return
-        info = _member(relative, before, tarfile.REGTYPE)
-        info.size = before.st_size
-        info.pax_headers = _xattr_records(descriptor)
-        reader = _Padded(handle, info.size)
-        writer.add(info, reader)
+        size = before.st_size
+        reader = _Padded(handle, size)
+        writer.add(_header(relative, before, tarfile.REGTYPE, size, records=_xattr_records(descriptor)), size, reader)
         if reader.padded:
             stats.shrank.append(relative)
         elif handle.read(1):
@@ -271,7 +343,7 @@ def _add_file(writer: _TarWriter, relative: str, path: Path, stats: ArchiveStats
             if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, before.st_size):
                 stats.modified.append(relative)
     stats.files += 1
-    stats.bytes += info.size
+    stats.bytes += size
 
 
 def _replaced(exc: OSError) -> bool:
@@ -301,13 +373,13 @@ class _Padded:
         return data
 
 
-def _xattr_records(target: Path | int) -> dict[str, str]:
+def _xattr_records(target: str | int) -> dict[str, str]:
     """Return the kept extended attributes of a directory path or an open file, as PAX records.
 
-    A value's bytes are stored as they are: bytes that are not UTF-8 make tarfile mark the header
-    hdrcharset=BINARY and write them back unchanged (surrogateescape).
+    A value's bytes are stored as they are: bytes that are not UTF-8 make the header say
+    hdrcharset=BINARY and are written back unchanged (surrogateescape).
     """
-    nofollow = {"follow_symlinks": False} if isinstance(target, Path) else {}  # an fd takes no follow_symlinks
+    nofollow = {"follow_symlinks": False} if isinstance(target, str) else {}  # an fd takes no follow_symlinks
     try:
         names = os.listxattr(target, **nofollow)
     except OSError as exc:
@@ -374,15 +446,19 @@ class UnsafeArchive(IntegrityError):
 
 
 def _check_member(member: tarfile.TarInfo, target: Path, links: set[str]) -> str:
-    """Return the member's normalised relative name, or raise UnsafeArchive."""
+    """Return the member's normalised relative name, or raise UnsafeArchive.
+
+    Names are split as strings, not as pathlib paths: pathlib interns every name part, which
+    grows the interpreter's table of interned strings with the number of distinct names.
+    """
     name = member.name
-    pure = PurePosixPath(name)
-    if name.startswith("/") or pure.is_absolute():
+    if name.startswith("/"):
         raise UnsafeArchive(f"archive member {name!r} has an absolute name", hint=_NOT_OURS)
-    if ".." in pure.parts:
+    parts = [part for part in name.split("/") if part and part != "."]
+    if ".." in parts:
         raise UnsafeArchive(f"archive member {name!r} contains ..", hint=_NOT_OURS)
-    relative = str(pure)
-    if pure.parts and pure.parts[0] == WORK_DIR:
+    relative = "/".join(parts) or "."
+    if parts and parts[0] == WORK_DIR:
         raise UnsafeArchive(
             f"archive member {name!r} is inside the restore work dir {WORK_DIR}",
             hint=_NOT_OURS,
@@ -391,12 +467,12 @@ def _check_member(member: tarfile.TarInfo, target: Path, links: set[str]) -> str
         raise UnsafeArchive(f"archive member {name!r} is a device file", hint=_NOT_OURS)
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
         raise UnsafeArchive(f"archive member {name!r} has unsupported type {member.type!r}")
-    for parent in list(pure.parents)[:-1]:
-        if str(parent) in links:
-            raise UnsafeArchive(f"archive member {name!r} is written through the symlink {str(parent)!r}")
+    for count in range(len(parts) - 1, 0, -1):
+        parent = "/".join(parts[:count])
+        if parent in links:
+            raise UnsafeArchive(f"archive member {name!r} is written through the symlink {parent!r}")
     if member.issym():
-        base = PurePosixPath(target) / pure.parent
-        resolved = os.path.normpath(os.path.join(base, member.linkname))
+        resolved = os.path.normpath(os.path.join(str(target), *parts[:-1], member.linkname))
         if not _within(resolved, str(target)):
             raise UnsafeArchive(
                 f"archive member {name!r} is a symlink to {member.linkname!r}, outside {target}",
@@ -404,8 +480,8 @@ def _check_member(member: tarfile.TarInfo, target: Path, links: set[str]) -> str
             )
         links.add(relative)
     if member.islnk():
-        link = PurePosixPath(member.linkname)
-        if link.is_absolute() or ".." in link.parts:
+        link = member.linkname
+        if link.startswith("/") or ".." in link.split("/"):
             raise UnsafeArchive(f"archive member {name!r} is a hard link to {member.linkname!r}, outside the archive")
     return relative
 
@@ -497,8 +573,8 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
                     raise UnsafeArchive("archive member '.' appears more than once", hint=_NOT_OURS)
                 root_info = member
                 continue
-            destination = staging / relative
-            if not _within(os.path.realpath(destination.parent), os.path.realpath(staging)):
+            destination = os.path.join(staging, relative)  # a str: pathlib would intern every name part
+            if not _within(os.path.realpath(os.path.dirname(destination)), os.path.realpath(staging)):
                 raise UnsafeArchive(f"archive member {member.name!r} resolves outside the target")
             # An entry already there is a repeated name, which could replace a checked symlink or
             # write through it, or a directory that tarfile made for an earlier member inside it.
@@ -510,7 +586,7 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
                 )
             member.name = relative
             if member.isdir():
-                destination.mkdir(mode=0o700)
+                os.mkdir(destination, 0o700)
                 directories.add(relative, _Attributes.of(member))
                 continue
             if member.islnk():
@@ -529,7 +605,7 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
                     hint=_NOT_OURS,
                 )
         for relative, attributes in directories.newest_first():
-            set_attributes(staging / relative, relative, attributes, stats)
+            set_attributes(os.path.join(staging, relative), relative, attributes, stats)
     _warn_not_restored("archive.attributes_not_restored", target, stats.attributes_failed)
     _warn_not_restored("archive.xattrs_not_restored", target, stats.xattrs_failed)
     return stats, root_info
@@ -598,7 +674,7 @@ class _Deferred:
         return relative, _Attributes(uid, gid, mode, mtime, values)
 
 
-def set_attributes(path: Path, relative: str, attributes: _Attributes, stats: ArchiveStats) -> None:
+def set_attributes(path: str | Path, relative: str, attributes: _Attributes, stats: ArchiveStats) -> None:
     """Set owner, then mode (setgid included, which chown would clear), then kept xattrs, then mtime.
 
     Each rejection is added to stats, once per path and kind, and the next attribute is still set.

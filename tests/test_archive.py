@@ -234,16 +234,57 @@ def test_archive_skips_sockets_and_devices(tmp_path: Path) -> None:
     assert stat.S_ISFIFO((target / "data" / "pipe").lstat().st_mode)
 
 
+def status(mode: int, uid: int = 1000, gid: int = 1000, mtime: float = 1_733_377_342.123456) -> os.stat_result:
+    """Return a stat result with these fields, the others zero."""
+    return os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, int(mtime), 0, 0.0, mtime, 0.0))
+
+
+NOT_UTF8 = b"caf\xe9".decode("utf-8", "surrogateescape")
+# (name, status, type, size, link name, records): every field that can move a value into a pax record.
+HEADER_CASES = [
+    ("conf/hub.yml", status(0o100644), tarfile.REGTYPE, 120, "", {}),
+    ("data", status(0o42755, uid=0, gid=0), tarfile.DIRTYPE, 0, "", {}),
+    ("./", status(0o40700), tarfile.DIRTYPE, 0, "", {}),
+    ("d/" * 60 + "long-name", status(0o100600), tarfile.REGTYPE, 1, "", {}),
+    ("données/été.txt", status(0o100644), tarfile.REGTYPE, 3, "", {}),
+    (NOT_UTF8, status(0o100644), tarfile.REGTYPE, 3, "", {}),
+    ("link", status(0o120777), tarfile.SYMTYPE, 0, "../" * 40 + "cible-é", {}),
+    ("second-name", status(0o100644), tarfile.LNKTYPE, 0, "first-name", {}),
+    ("big-owner", status(0o100644, uid=3_000_000, gid=2_097_152), tarfile.REGTYPE, 0, "", {}),
+    ("huge", status(0o100644), tarfile.REGTYPE, 9 * 1024**3, "", {}),
+    ("whole-second", status(0o100644, mtime=1_700_000_000.0), tarfile.REGTYPE, 0, "", {}),
+    ("before-1970", status(0o100644, mtime=-1.5), tarfile.REGTYPE, 0, "", {}),
+    ("pipe", status(0o10600), tarfile.FIFOTYPE, 0, "", {}),
+    ("tagged", status(0o100644), tarfile.REGTYPE, 0, "", {"SCHILY.xattr.user.a": "b", "SCHILY.xattr.user.c": ""}),
+    ("raw-xattr", status(0o100644), tarfile.REGTYPE, 0, "", {"SCHILY.xattr.user.k": NOT_UTF8}),
+    # A path record's length field grows from two digits to three, and from three to four.
+    *[("é" + "n" * count, status(0o100644), tarfile.REGTYPE, 0, "", {}) for count in range(86, 94)],
+    *[("é" + "n" * count, status(0o100644), tarfile.REGTYPE, 0, "", {}) for count in range(985, 993)],
+]
+
+
+@pytest.mark.parametrize(("name", "entry", "kind", "size", "linkname", "records"), HEADER_CASES)
+def test_header_same_as_tarfile(
+    name: str, entry: os.stat_result, kind: bytes, size: int, linkname: str, records: dict[str, str]
+) -> None:
+    """dtrguard's headers are tarfile's pax headers with numeric owners, byte for byte."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.linkname, info.pax_headers = kind, size, linkname, dict(records)
+    info.mode, info.uid, info.gid, info.mtime = stat.S_IMODE(entry.st_mode), entry.st_uid, entry.st_gid, entry.st_mtime
+    expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+    assert archive._header(name, entry, kind, size, linkname, records) == expected
+
+
 def test_archive_skips_vanished_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source, target = tmp_path / "source", tmp_path / "target"
     build_source(source)
     expected = expected_tree(source)
     real_walk = archive.walk
 
-    def listed_then_removed(root: Path, excluded: Any) -> Iterator[tuple[str, Path]]:
+    def listed_then_removed(root: Path, excluded: Any) -> Iterator[tuple[str, str]]:
         for relative, path in real_walk(root, excluded):
             if relative in ("secret.key", "conf/current.yml"):  # a file and a symlink, removed once listed
-                path.unlink()
+                os.unlink(path)
             yield relative, path
 
     monkeypatch.setattr(archive, "walk", listed_then_removed)
@@ -417,9 +458,9 @@ def test_file_replaced_by_symlink_not_followed(tmp_path: Path, monkeypatch: pyte
     real_open = os.open
 
     def replace_then_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if isinstance(path, Path) and path.name == "secret.key":  # replaced between listing and reading
-            path.unlink()
-            path.symlink_to(outside)
+        if isinstance(path, str) and os.path.basename(path) == "secret.key":  # replaced between listing and reading
+            os.unlink(path)
+            os.symlink(outside, path)
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", replace_then_open)
