@@ -38,7 +38,8 @@ F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 # A reader that keeps up with such a writer wakes for every write: a 966 MB dump arrived in 118,000
 # reads, which cost dtrguard 2.8 s of CPU, mostly in the kernel. Pausing PAUSE seconds after a
 # short read, or while the FIFO is full, lets the FIFO fill or drain first. The same dump then
-# arrived in 4,500 reads for 0.8 s of CPU, in the same wall time. The pauses are taken only when
+# arrived in 4,500 reads for 0.8 s of CPU, in the same wall time (on an idle machine: with every
+# core busy the reader falls behind and its reads are long anyway). The pauses are taken only when
 # the FIFO has room for CHUNK bytes, which pg_dump fills in one pause only above 1 GB/s.
 PAUSE = 0.001
 SHORT_READ = CHUNK // 4  # bytes: a read shorter than this is followed by a pause
