@@ -57,7 +57,7 @@ def side_name(database: str, kind: str) -> str:
 
 @dataclass(frozen=True)
 class DumpRoute:
-    """How the dumps of one backup set reach dtrguard, found once for the set."""
+    """The route by which the dumps of one backup set reach dtrguard, found once for the set."""
 
     shared: fifo.SharedDir | None  # the mount that FIFOs pass through, or None for the exec stream
     tool_version: str  # pg_dump --version in the container

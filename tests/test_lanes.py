@@ -26,18 +26,18 @@ def test_archiving_thread_runs_at_lower_priority() -> None:
 
 def test_largest_dump_taken_by_planning_thread() -> None:
     """The planning thread takes the first shared job at once; the other takes the rest once its own are done."""
-    taken: list[tuple[str, str]] = []
+    finished: list[tuple[str, str]] = []
     lanes = _Lanes(threading.Event())
 
     def job(name: str, seconds: float = 0.0) -> None:
         time.sleep(seconds)
-        taken.append((name, threading.current_thread().name))
+        finished.append((name, threading.current_thread().name))
 
     def plan() -> None:
         lanes.share([lambda: job("largest", 1.0), lambda: job("small"), lambda: job("roles")])
 
     lanes.run([lambda: job("directory", 0.3)], plan)
-    threads = dict(taken)
+    threads = dict(finished)
     assert sorted(threads) == ["directory", "largest", "roles", "small"]
     assert threads["largest"] == threading.current_thread().name
     assert threads["small"] == threads["roles"] == threads["directory"] != threads["largest"]

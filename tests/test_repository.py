@@ -147,7 +147,7 @@ def test_upload_cancel_aborts_multipart(moto_server: Any, bucket: str, s3: Any) 
 def test_lost_response_marks_object_maybe_stored(
     moto_server: Any, bucket: str, s3: Any, operation: str, size: int
 ) -> None:
-    """S3 stored the object but its response was lost: the upload fails and says the key may exist."""
+    """S3 stored the object but its response was lost: the upload fails and reports that the key may exist."""
     repository = make_repository(moto_server.url, bucket)
 
     def lose_response(**kwargs: Any) -> None:
