@@ -268,7 +268,6 @@ class _SetUploader:
             produce(upload)
             size, sha256, raw_size = upload.finish()
         except BaseException:
-            upload.settle()  # the compressing thread may still be starting or ending an upload
             upload_id = upload.upload_id
             if not upload.abort() and upload_id is not None:
                 self.leftovers.uploads.append([upload.key, upload_id])

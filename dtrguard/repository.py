@@ -39,11 +39,6 @@ RANGE_SIZE = 8 * 1024 * 1024  # bytes per ranged GET when s3.download_streams is
 # On a 966 MB dump of the benchmark's DTR-like database, zstd level 2 gave 3.87:1 in 2.7 s of CPU.
 # Level 3 gave 3.81:1 in 4.0 s, and level 1 3.61:1 in 2.1 s.
 ZSTD_LEVEL = 2
-# The raw stream is compressed in zstd frames of ZSTD_FRAME bytes, each in one call. On that dump,
-# 2 MiB frames took 2.4 s of CPU against 2.7 s for one streamed frame and came out 0.3 % larger.
-# A streaming compressor copies its input into a ring buffer, and a profile showed most of its
-# time in zstd's slower match loop for data across the ring's wrap. Readers decode frame after frame.
-ZSTD_FRAME = 2 * 1024 * 1024
 # S3 takes at most 10,000 parts and 5 GiB a part. The part size doubles after every PARTS_PER_SIZE
 # parts, so memory stays at a few parts of the configured size for all but huge artifacts, and an
 # artifact can still reach S3's 5 TB object limit.
@@ -348,16 +343,12 @@ class Repository:
 class ArtifactUpload:
     """A zstd-compressing, optionally encrypting, hashing, multipart upload fed by write().
 
-    Three stages overlap, each in its own thread. write() copies the raw bytes into a frame of
-    ZSTD_FRAME bytes and returns. A second thread compresses, encrypts and hashes a full frame
-    while the next one fills, and a third sends a full part while the next part fills. So the
-    writer, often dtrguard reading pg_dump's FIFO, waits for neither compression nor S3, and
-    pg_dump does not wait for it. The parts are two buffers of S3Settings.part_size bytes (doubled
-    after every PARTS_PER_SIZE parts) and the frames two buffers of ZSTD_FRAME bytes, filled and
-    used in turn, so memory stays at two of each and is not allocated again. A stream shorter than
-    one part goes up with a single PutObject. Any failure, or cancel being set, aborts the
-    multipart upload so no orphaned parts remain. The next write(), or finish(), raises a failure
-    of the compressing thread.
+    One part goes up in a background thread while the next one fills, so compression and the
+    upload overlap. The parts are two buffers of S3Settings.part_size bytes (doubled after every
+    PARTS_PER_SIZE parts), filled and sent in turn, so memory stays at two parts and is not
+    allocated again for every part. A stream shorter than one part goes up with a single
+    PutObject. Any failure, or cancel being set, aborts the multipart upload so no orphaned parts
+    remain.
     """
 
     def __init__(
@@ -369,12 +360,7 @@ class ArtifactUpload:
         self.cancel = cancel
         self.part_size = repository.settings.part_size
         self.parts_per_size = PARTS_PER_SIZE
-        self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-        self.frame: bytearray | None = None  # raw bytes of the next zstd frame, up to framed
-        self.framed = 0
-        self._spare_frame: bytearray | None = None  # the frame being compressed, to fill again
-        self._compressor_thread: ThreadPoolExecutor | None = None
-        self._compressing: Future[None] | None = None
+        self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
         self.encryptor = encryptor
         self.sha256 = hashlib.sha256()
         self.buffer: bytearray | None = None  # the part being filled, up to filled
@@ -395,49 +381,9 @@ class ArtifactUpload:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.cancel.is_set():
             raise Aborted(f"upload of {self.key} stopped on request")
-        view = memoryview(data).cast("B")
-        size = len(view)
-        self.raw_size += size
-        while view:
-            if self.frame is None:
-                self.frame = bytearray(ZSTD_FRAME)
-            count = min(ZSTD_FRAME - self.framed, len(view))
-            self.frame[self.framed : self.framed + count] = view[:count]
-            self.framed += count
-            view = view[count:]
-            if self.framed == ZSTD_FRAME:
-                self._hand_off()
-        return size
-
-    def _hand_off(self) -> None:
-        """Pass the full frame to the compressing thread, once it is done with the one before."""
-        self._wait_compressed()
-        if self._compressor_thread is None:
-            self._compressor_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
-        frame, self.frame, self.framed = self.frame, self._spare_frame, 0
-        assert frame is not None
-        self._spare_frame = frame
-        self._compressing = self._compressor_thread.submit(self._compress, frame)
-
-    def _compress(self, frame: bytes | bytearray | memoryview) -> None:
-        self._push(self.compressor.compress(frame))
-
-    def _wait_compressed(self) -> None:
-        """Raise the error of the frame being compressed, if it failed."""
-        compressing, self._compressing = self._compressing, None
-        if compressing is not None:
-            compressing.result()
-
-    def settle(self) -> None:
-        """Wait until no frame is being compressed, so upload_id and may_exist stop changing; drop its error."""
-        with contextlib.suppress(Exception):  # the writer raised this failure, or a failure of its own first
-            self._wait_compressed()
-        self._stop_compressor()
-
-    def _stop_compressor(self) -> None:
-        if self._compressor_thread is not None:
-            self._compressor_thread.shutdown(wait=True)
-            self._compressor_thread = None
+        self.raw_size += len(data)
+        self._push(self.compressor.compress(data))
+        return len(data)
 
     def _push(self, compressed: bytes, last: bool = False) -> None:
         stored = compressed
@@ -519,12 +465,7 @@ class ArtifactUpload:
         """Flush, complete the upload and return (size, sha256, raw size)."""
         if self.cancel.is_set():
             raise Aborted(f"upload of {self.key} stopped on request")
-        self._wait_compressed()
-        self._stop_compressor()
-        if self.framed or self.raw_size == 0:  # an empty stream is one empty frame
-            self._compress(memoryview(self.frame)[: self.framed] if self.frame is not None else b"")
-        self.frame = self._spare_frame = None
-        self._push(b"", last=True)
+        self._push(self.compressor.flush(), last=True)
         try:
             if self.upload_id is None:
                 self.may_exist = True
@@ -552,7 +493,6 @@ class ArtifactUpload:
 
     def abort(self) -> bool:
         """Abort the multipart upload if one was started; return False when S3 did not confirm the abort."""
-        self.settle()
         with contextlib.suppress(Exception):  # a part that failed has already given its error to the caller
             self._wait_in_flight()
         self._stop_sender()
