@@ -24,6 +24,7 @@ events has the count and at most EXAMPLES paths.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fnmatch
 import json
@@ -563,6 +564,7 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
     """
     stats = ArchiveStats()
     links: set[str] = set()
+    real_directories = _RealDirectories(str(staging))
     root_info = None
     with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8") as tar, _Deferred(staging.parent) as directories:
         for member in tar:
@@ -574,7 +576,7 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
                 root_info = member
                 continue
             destination = os.path.join(staging, relative)  # a str: pathlib would intern every name part
-            if not _within(os.path.realpath(os.path.dirname(destination)), os.path.realpath(staging)):
+            if not real_directories.check(relative.rpartition("/")[0]):
                 raise UnsafeArchive(f"archive member {member.name!r} resolves outside the target")
             # An entry already there is a repeated name, which could replace a checked symlink or
             # write through it, or a directory that tarfile made for an earlier member inside it.
@@ -609,6 +611,47 @@ def extract_archive(stream: IO[bytes], staging: Path, target: Path) -> tuple[Arc
     _warn_not_restored("archive.attributes_not_restored", target, stats.attributes_failed)
     _warn_not_restored("archive.xattrs_not_restored", target, stats.xattrs_failed)
     return stats, root_info
+
+
+class _RealDirectories:
+    """Paths under staging checked to be directories, and not symlinks, at every level.
+
+    A member written into such a directory cannot land outside staging. This takes about one lstat
+    per directory, where os.path.realpath took one for every level of every member's path. Since
+    the extraction never replaces an entry, a directory checked once stays one. The LIMIT paths
+    used last are kept, so memory does not grow with the tree, and the directories above the
+    current member are among them.
+    """
+
+    LIMIT = 256
+
+    def __init__(self, staging: str):
+        self.staging = staging
+        self.checked: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def check(self, relative: str) -> bool:
+        """Return whether relative ("" for staging) and each directory above it is a directory or missing.
+
+        A missing directory is not kept: tarfile makes it when it extracts the member, and it can
+        only be made inside a checked one.
+        """
+        if not relative:
+            return True
+        if relative in self.checked:
+            self.checked.move_to_end(relative)
+            return True
+        if not self.check(relative.rpartition("/")[0]):
+            return False
+        try:
+            mode = os.lstat(os.path.join(self.staging, relative)).st_mode
+        except FileNotFoundError:
+            return True
+        if not stat.S_ISDIR(mode):
+            return False
+        if len(self.checked) >= self.LIMIT:
+            self.checked.popitem(last=False)
+        self.checked[relative] = None
+        return True
 
 
 @dataclass(frozen=True, slots=True)

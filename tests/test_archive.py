@@ -773,6 +773,42 @@ def test_duplicate_member_rejected(tmp_path: Path) -> None:
         extract_archive(io.BytesIO(data), journal.staging, target)
 
 
+def test_symlink_planted_in_staging_rejected(tmp_path: Path, canary: Path) -> None:
+    """A symlink that another process made in staging is not written through."""
+    target = tmp_path / "target"
+    journal = SwapJournal(target)
+    journal.begin("set-1")
+    (journal.staging / "deep").mkdir()
+    (journal.staging / "deep" / "planted").symlink_to(canary.parent)
+    data = tar_of([regular("deep/planted/new", b"written through the planted link")])
+
+    with pytest.raises(UnsafeArchive, match="resolves outside the target"):
+        extract_archive(io.BytesIO(data), journal.staging, target)
+
+    assert sorted(p.name for p in canary.parent.iterdir()) == ["canary.txt"]
+
+
+def test_real_directories_keep_a_bounded_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive._RealDirectories, "LIMIT", 3)
+    for name in ("a/b/c/d", "e"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "e")
+    (tmp_path / "a" / "file").write_text("x")
+    checked = archive._RealDirectories(str(tmp_path))
+
+    assert checked.check("a/b/c/d")
+    assert list(checked.checked) == ["a/b", "a/b/c", "a/b/c/d"]  # "a" was dropped for the fourth
+    assert checked.check("a/b")
+    assert list(checked.checked) == ["a/b/c", "a/b/c/d", "a/b"]  # the path used last is kept longest
+    assert checked.check("a/missing")  # tarfile makes it, inside a checked directory
+    assert "a/missing" not in checked.checked
+    assert not checked.check("a/link")
+    assert not checked.check("a/link/inner")
+    assert not checked.check("a/file")
+    assert checked.check("e")
+    assert len(checked.checked) == 3
+
+
 def test_symlink_loop_inside_accepted(tmp_path: Path) -> None:
     target = tmp_path / "target"
     journal = SwapJournal(target)
