@@ -29,7 +29,7 @@ from dtrguard.cancel import ChildEvent, wait_waking
 from dtrguard.config import DirectorySettings
 from dtrguard.crypto import DataKey
 from dtrguard.errors import Aborted
-from dtrguard.manifest import Artifact, Container, Manifest, new_set_id, utc_now
+from dtrguard.manifest import Artifact, Container, Manifest, format_of, new_set_id, utc_now
 from dtrguard.node import Node
 from dtrguard.postgres import DumpRoute, Postgres
 from dtrguard.repository import ArtifactUpload
@@ -118,13 +118,14 @@ def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader,
     # The manifest lists the directories in their configured order, then the globals, then the databases by name.
     names = [name for name, _ in directories] + [GLOBALS]
     names += sorted(name for name in found if name not in names)
+    artifacts = tuple(found[name] for name in names)
     manifest = Manifest(
         set_id=uploader.set_id,
         started_at=started_at,
         finished_at=utc_now().isoformat(),
         instance_id=instance_id,
         dtrguard_version=__version__,
-        artifacts=tuple(found[name] for name in names),
+        artifacts=artifacts,
         containers=facts.containers,
         dtr_version=node.dtr.version(facts.containers),
         postgres_server_version=facts.server_version[0],
@@ -132,6 +133,7 @@ def _take(node: Node, instance_id: str, started_at: str, uploader: _SetUploader,
         dump_tool_version=facts.dump_tool_version,
         row_counts=facts.row_counts,
         encryption=uploader.data_key.envelope if uploader.data_key else None,
+        format=format_of(artifacts),
     )
     writer = lease.take if take_lease else lease.renew
     held = writer(node.repository, instance_id)
@@ -268,17 +270,21 @@ class _SetUploader:
             produce(upload)
             size, sha256, raw_size = upload.finish()
         except BaseException:
-            upload_id = upload.upload_id
-            if not upload.abort() and upload_id is not None:
-                self.leftovers.uploads.append([upload.key, upload_id])
-            if upload.may_exist:
-                self.uploaded.append(upload.key)
+            self.leftovers.uploads.extend([key, upload_id] for key, upload_id in upload.abort())
+            self.uploaded.extend(upload.stored_keys())
             raise
-        self.uploaded.append(upload.key)
+        self.uploaded.extend(upload.stored_keys())
         seconds = round(time.monotonic() - clock, 2)
         _log.info("artifact.end", set_id=self.set_id, artifact=name, bytes=size, raw_bytes=raw_size, seconds=seconds)
         return Artifact(
-            name=name, kind=kind, key=upload.key, size=size, sha256=sha256, raw_size=raw_size, source=source
+            name=name,
+            kind=kind,
+            key=upload.key,
+            size=size,
+            sha256=sha256,
+            raw_size=raw_size,
+            source=source,
+            segments=upload.segments,
         )
 
     def delete_uploaded(self) -> None:

@@ -1,7 +1,9 @@
 """The manifest: the record that makes a backup set exist.
 
 It is written last, after every artifact is uploaded, and lists each artifact's key, size and
-sha256 so that a restore can prove it got the bytes the backup wrote.
+sha256 so that a restore can prove it got the bytes the backup wrote. An artifact larger than one
+segment is stored as several objects, its segments, which are read one after the other. A
+manifest that lists segments has format 2, so dtrguard versions that know only format 1 refuse it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dtrguard.crypto import Envelope
 from dtrguard.errors import IntegrityError
 
 FORMAT = 1
+SEGMENTED_FORMAT = 2  # some artifact lists segments
 KINDS = ("directory", "globals", "database")
 
 
@@ -30,8 +33,20 @@ def utc_now() -> datetime:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One object holding a stretch of a segmented artifact's stored bytes."""
+
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
 class Artifact:
-    """One uploaded object of a set: a directory archive, the roles, or one database dump."""
+    """One artifact of a set: a directory archive, the roles, or one database dump.
+
+    Its stored bytes are the object at key, or, when segments is not empty, the segments in
+    order, the first of them at key. size and sha256 cover all of the stored bytes.
+    """
 
     name: str
     kind: str
@@ -42,6 +57,11 @@ class Artifact:
     source: str  # the directory path, or the database name; empty for globals
     owner: str = ""  # the database's owner role; empty for other kinds
     compression: str = "zstd"
+    segments: tuple[Segment, ...] = ()
+
+    def objects(self) -> tuple[Segment, ...]:
+        """Return the objects that hold the stored bytes, in order."""
+        return self.segments or (Segment(self.key, self.size),)
 
 
 @dataclass(frozen=True)
@@ -105,9 +125,13 @@ def parse(data: bytes, key: str) -> Manifest:
     if not isinstance(doc, dict):
         raise IntegrityError(f"manifest {key} is not a JSON object", hint="delete or repair the object")
     try:
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"format {doc.get('format')!r} (this dtrguard reads format {FORMAT})")
+        if doc.get("format") not in (FORMAT, SEGMENTED_FORMAT):
+            raise ValueError(
+                f"format {doc.get('format')!r} (this dtrguard reads formats {FORMAT} and {SEGMENTED_FORMAT})"
+            )
         artifacts = tuple(_artifact(item) for item in doc["artifacts"])
+        if doc["format"] == FORMAT and any(artifact.segments for artifact in artifacts):
+            raise ValueError(f"segments in a format {FORMAT} manifest")
         containers = tuple(Container(**_fields(item, Container)) for item in doc["containers"])
         manifest = Manifest(
             **{k: doc[k] for k in _SCALARS},
@@ -117,6 +141,7 @@ def parse(data: bytes, key: str) -> Manifest:
             row_counts=_row_counts(doc["row_counts"]),
             lease_epoch=int(doc.get("lease_epoch", 0)),
             encryption=_envelope(doc.get("encryption")),
+            format=doc["format"],
         )
         manifest.finished  # noqa: B018 - validates the timestamp
     except (KeyError, TypeError, ValueError) as exc:
@@ -141,15 +166,40 @@ def _fields(item: Any, cls: type) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k in names}
 
 
+def format_of(artifacts: tuple[Artifact, ...]) -> int:
+    """Return the manifest format that artifacts need: the first one unless some are segmented."""
+    return SEGMENTED_FORMAT if any(artifact.segments for artifact in artifacts) else FORMAT
+
+
 def _artifact(item: Any) -> Artifact:
-    artifact = Artifact(**_fields(item, Artifact))
+    fields = _fields(item, Artifact)
+    fields["segments"] = tuple(_segment(value) for value in fields.get("segments") or ())
+    artifact = Artifact(**fields)
     if artifact.kind not in KINDS:
         raise ValueError(f"artifact {artifact.name!r} has unknown kind {artifact.kind!r}")
     if not isinstance(artifact.size, int) or artifact.size < 0:
         raise ValueError(f"artifact {artifact.name!r} has invalid size {artifact.size!r}")
     if not isinstance(artifact.sha256, str) or len(artifact.sha256) != 64:
         raise ValueError(f"artifact {artifact.name!r} has invalid sha256 {artifact.sha256!r}")
+    if artifact.segments:
+        if artifact.segments[0].key != artifact.key:
+            raise ValueError(f"artifact {artifact.name!r} has a first segment that is not at its key {artifact.key!r}")
+        # Segments stay beside the artifact's key, under the set's prefix, so pruning the set removes them.
+        outside = [s.key for s in artifact.segments[1:] if not s.key.startswith(artifact.key + ".")]
+        if outside:
+            raise ValueError(f"artifact {artifact.name!r} has a segment {outside[0]!r} outside {artifact.key!r}.*")
+        if sum(s.size for s in artifact.segments) != artifact.size:
+            raise ValueError(f"artifact {artifact.name!r} has segments that do not add up to its size {artifact.size}")
     return artifact
+
+
+def _segment(value: Any) -> Segment:
+    segment = Segment(**_fields(value, Segment))
+    if not isinstance(segment.key, str) or not segment.key:
+        raise ValueError(f"segment has invalid key {segment.key!r}")
+    if not isinstance(segment.size, int) or segment.size < 0:
+        raise ValueError(f"segment {segment.key!r} has invalid size {segment.size!r}")
+    return segment
 
 
 def _envelope(value: Any) -> Envelope | None:

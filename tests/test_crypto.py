@@ -55,7 +55,7 @@ def put(repository: Repository, key: DataKey, name: str, data: bytes) -> Artifac
     for offset in range(0, len(data), MiB):
         writer.write(data[offset : offset + MiB])
     size, sha256, raw_size = writer.finish()
-    return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x")
+    return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x", segments=writer.segments)
 
 
 def stored(s3: Any, bucket: str, artifact: Artifact) -> bytes:
@@ -237,7 +237,7 @@ def put_plain(repository: Repository, set_id: str, name: str, data: bytes) -> Ar
     writer = repository.upload(set_id, name, threading.Event())
     writer.write(data)
     size, sha256, raw_size = writer.finish()
-    return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x")
+    return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x", segments=writer.segments)
 
 
 def with_kms(node: Any, url: str, key_id: str | None) -> None:

@@ -255,6 +255,31 @@ def test_sigterm_during_backup_leaves_nothing(make_node: Any, s3: Any, bucket: s
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
 
+def test_segmented_set_restores(make_node: Any, s3: Any, bucket: str) -> None:
+    """An archive of more than eight 5 MiB parts is stored as two objects, and a new node restores it whole."""
+    node_a = node_with_data(make_node, s3_config="part_size_mb = 5")
+    blobs = node_a.var / "image-storage" / "blobs"
+    blobs.mkdir(parents=True)
+    for index in range(3):
+        (blobs / f"layer-{index}").write_bytes(os.urandom(15 * 1024 * 1024))  # random: stored as it is
+    set_id = backup_once(node_a)
+    manifest = parse(s3.get_object(Bucket=bucket, Key=f"dtr/test/manifests/{set_id}.json")["Body"].read(), "m")
+    var = next(artifact for artifact in manifest.artifacts if artifact.name == "var-dtr.tar.zst")
+    assert manifest.format == 2
+    assert [segment.key for segment in var.segments] == [var.key, var.key + ".1"]
+    assert var.key + ".1" in set_objects(s3, bucket, set_id)
+    files, tables = tree(node_a.var), table_contents()
+    node_a.destroy()
+
+    node_b: DtrNode = make_node("i-0bbbbbbbbbbbbbbbb", s3_config="part_size_mb = 5")
+    daemon = node_b.start()
+    restore = daemon.wait_for("restore.end")[0]
+    assert daemon.stop() == 0
+    assert restore["set_id"] == set_id
+    assert tree(node_b.var) == files
+    assert table_contents() == tables
+
+
 def test_list_and_verify_commands(make_node: Any) -> None:
     node = node_with_data(make_node)
     first = backup_once(node)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import re
 import threading
 import tracemalloc
 from typing import Any
@@ -13,7 +15,7 @@ from botocore.exceptions import ConnectionClosedError
 
 from dtrguard.config import S3Settings
 from dtrguard.errors import Aborted, IntegrityError, RepositoryUnavailable
-from dtrguard.manifest import Artifact, Manifest, new_set_id, parse, utc_now
+from dtrguard.manifest import Artifact, Manifest, Segment, format_of, new_set_id, parse, utc_now
 from dtrguard.repository import Repository
 
 MiB = 1024 * 1024
@@ -37,7 +39,7 @@ def upload(repository: Repository, set_id: str, name: str, data: bytes, chunk: i
     for offset in range(0, len(data), chunk):
         writer.write(view[offset : offset + chunk])
     size, sha256, raw_size = writer.finish()
-    return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x")
+    return Artifact(name, "directory", writer.key, size, sha256, raw_size, "/x", segments=writer.segments)
 
 
 def manifest_for(set_id: str, artifacts: list[Artifact], finished_at: str | None = None) -> Manifest:
@@ -64,6 +66,7 @@ def read_all(repository: Repository, artifact: Artifact) -> bytes:
 
 
 def test_upload_large_artifact_multipart(moto_server: Any, bucket: str, s3: Any) -> None:
+    """Ten parts: the object at the key takes the first eight, a second segment the other two."""
     repository = make_repository(moto_server.url, bucket)
     data = os.urandom(48 * MiB)  # random data does not compress, so it spans ten 5 MiB parts
     set_id = new_set_id(utc_now())
@@ -74,15 +77,17 @@ def test_upload_large_artifact_multipart(moto_server: Any, bucket: str, s3: Any)
     size, sha256, raw_size = writer.finish()
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(writer.parts) == 10
+    assert len(writer.part_sizes) == 10
     assert raw_size == len(data)
     # Two part buffers, one filling and one in flight, plus the 1 MiB written and its compressed
     # copy: 13.2 MiB traced. Joining each part from the compressor's pieces and sending it as bytes,
     # which botocore copies once more, took about four parts.
     assert peak < 3 * 5 * MiB
-    head = s3.head_object(Bucket=bucket, Key=writer.key)
-    assert head["ContentLength"] == size
-    artifact = Artifact("big.tar.zst", "directory", writer.key, size, sha256, raw_size, "/x")
+    assert [segment.key for segment in writer.segments] == [writer.key, writer.key + ".1"]
+    assert [segment.size for segment in writer.segments] == [8 * 5 * MiB, size - 8 * 5 * MiB]
+    for segment in writer.segments:
+        assert s3.head_object(Bucket=bucket, Key=segment.key)["ContentLength"] == segment.size
+    artifact = Artifact("big.tar.zst", "directory", writer.key, size, sha256, raw_size, "/x", segments=writer.segments)
     assert read_all(repository, artifact) == data
 
 
@@ -245,6 +250,100 @@ def test_manifest_parse_rejects_bad_fields() -> None:
     for broken in (b"[]", b"{}", good.to_json().replace(b'"directory"', b'"tape"')):
         with pytest.raises(IntegrityError, match="manifest k"):
             parse(broken, "k")
+
+
+def segmented(artifact: Artifact, *segments: tuple[str, int], manifest_format: int = 2) -> Manifest:
+    changed = dataclasses.replace(artifact, segments=tuple(Segment(key, size) for key, size in segments))
+    return dataclasses.replace(manifest_for("20260101T000000Z-00000000", [changed]), format=manifest_format)
+
+
+def test_manifest_round_trips_segments() -> None:
+    artifact = Artifact("a", "directory", "k", 10, "0" * 64, 30, "/x")
+    manifest = segmented(artifact, ("k", 6), ("k.1", 4))
+    assert format_of(manifest.artifacts) == 2
+    assert format_of((artifact,)) == 1
+    assert parse(manifest.to_json(), "m") == manifest
+    assert parse(manifest.to_json(), "m").artifacts[0].objects() == (Segment("k", 6), Segment("k.1", 4))
+    assert artifact.objects() == (Segment("k", 10),)
+
+
+@pytest.mark.parametrize(
+    ("segments", "manifest_format", "message"),
+    [
+        ((("k", 6), ("k.1", 4)), 1, "segments in a format 1 manifest"),
+        ((("other", 6), ("k.1", 4)), 2, "first segment that is not at its key"),
+        ((("k", 6), ("elsewhere", 4)), 2, "segment 'elsewhere' outside"),
+        ((("k", 6), ("k.1", 5)), 2, "do not add up to its size 10"),
+        ((("k", 6), ("k.1", -4)), 2, "invalid size -4"),
+        ((("k", 10), ("", 0)), 2, "invalid key ''"),
+    ],
+)
+def test_manifest_rejects_bad_segments(segments: Any, manifest_format: int, message: str) -> None:
+    artifact = Artifact("a", "directory", "k", 10, "0" * 64, 30, "/x")
+    with pytest.raises(IntegrityError, match=re.escape(message)):
+        parse(segmented(artifact, *segments, manifest_format=manifest_format).to_json(), "m")
+
+
+def test_manifest_of_newer_format_rejected() -> None:
+    manifest = dataclasses.replace(manifest_for("20260101T000000Z-00000000", []), format=3)
+    with pytest.raises(IntegrityError, match=re.escape("format 3 (this dtrguard reads formats 1 and 2)")):
+        parse(manifest.to_json(), "m")
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_segmented_artifact_reads_back(moto_server: Any, bucket: str, s3: Any, streams: int) -> None:
+    """Two parts a segment: 29 MiB of random data goes up as three objects and reads back in order."""
+    repository = make_repository(moto_server.url, bucket, download_streams=streams)
+    data = os.urandom(29 * MiB)
+    writer = repository.upload(new_set_id(utc_now()), "segmented.tar.zst", threading.Event())
+    writer.segment_parts = 2
+    for offset in range(0, len(data), MiB):
+        writer.write(data[offset : offset + MiB])
+    size, sha256, raw_size = writer.finish()
+    artifact = Artifact("segmented", "directory", writer.key, size, sha256, raw_size, "/x", segments=writer.segments)
+    keys = [writer.key, writer.key + ".1", writer.key + ".2"]
+    assert [segment.key for segment in artifact.segments] == keys
+    assert [segment.size for segment in artifact.segments] == [10 * MiB, 10 * MiB, size - 20 * MiB]
+    assert writer.stored_keys() == keys
+    got: list[int] = []
+    with repository.open(artifact, on_bytes=got.append) as stream:
+        assert stream.read() == data
+    if streams > 1:  # ranges do not cross from one object into the next
+        assert got == [8 * MiB, 2 * MiB, 8 * MiB, 2 * MiB, 8 * MiB, size - 28 * MiB]
+
+    stored = s3.get_object(Bucket=bucket, Key=keys[1])["Body"].read()
+    s3.put_object(Bucket=bucket, Key=keys[1], Body=stored[:-1])
+    with pytest.raises(IntegrityError, match=re.escape(f"artifact {keys[1]} has {10 * MiB - 1} bytes, expected")):
+        read_all(repository, artifact)
+    s3.put_object(Bucket=bucket, Key=keys[1], Body=stored[:-1] + b"x")
+    with pytest.raises(IntegrityError, match="sha256"):
+        read_all(repository, artifact)
+
+
+def test_failed_segment_completion_cleaned_up(moto_server: Any, bucket: str, s3: Any) -> None:
+    """The first segment's completion, in the background, fails: the writer raises it and nothing stays in S3."""
+    repository = make_repository(moto_server.url, bucket)
+    failures = []
+
+    def lose_first(**kwargs: Any) -> None:
+        if not failures:
+            failures.append(kwargs["params"]["url_path"])
+            raise ConnectionClosedError(endpoint_url=moto_server.url)
+
+    repository.client.meta.events.register("before-call.s3.CompleteMultipartUpload", lose_first)
+    writer = repository.upload(new_set_id(utc_now()), "segmented.tar.zst", threading.Event())
+    writer.segment_parts = 2
+    data = os.urandom(24 * MiB)
+    with pytest.raises(RepositoryUnavailable, match=re.escape(writer.key)):
+        for offset in range(0, len(data), MiB):
+            writer.write(data[offset : offset + MiB])
+        writer.finish()
+    assert len(failures) == 1
+    assert writer.abort() == []
+    for key in writer.stored_keys():
+        s3.delete_object(Bucket=bucket, Key=key)
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
 
 def test_bucket_warnings_name_missing_protections(moto_server: Any, bucket: str, s3: Any) -> None:
