@@ -265,6 +265,7 @@ class Repository:
             except (ClientError, BotoCoreError) as exc:
                 raise unavailable(f"read of {segment.key}", exc) from None
             if response.get("ContentLength", segment.size) != segment.size:
+                response["Body"].close()
                 raise _wrong_size(segment, response["ContentLength"])
             yield from response["Body"].iter_chunks(DOWNLOAD_CHUNK)
 
@@ -575,7 +576,7 @@ class ArtifactUpload:
             self._wait_in_flight()
         self._stop_sender()
         for future in self._completing:
-            with contextlib.suppress(Exception):  # likewise for a segment's completion
+            with contextlib.suppress(Exception):  # a completion that failed was aborted then
                 future.result()
         self._completing = []
         self._stop_completer()

@@ -16,7 +16,7 @@ from botocore.exceptions import ConnectionClosedError
 from dtrguard.config import S3Settings
 from dtrguard.errors import Aborted, IntegrityError, RepositoryUnavailable
 from dtrguard.manifest import Artifact, Manifest, Segment, format_of, new_set_id, parse, utc_now
-from dtrguard.repository import Repository
+from dtrguard.repository import SEGMENT_PARTS, Repository
 
 MiB = 1024 * 1024
 
@@ -33,8 +33,11 @@ def make_repository(url: str, bucket: str, part_size: int = 5 * MiB, download_st
     return Repository(settings)
 
 
-def upload(repository: Repository, set_id: str, name: str, data: bytes, chunk: int = MiB) -> Artifact:
+def upload(
+    repository: Repository, set_id: str, name: str, data: bytes, chunk: int = MiB, segment_parts: int = SEGMENT_PARTS
+) -> Artifact:
     writer = repository.upload(set_id, name, threading.Event())
+    writer.segment_parts = segment_parts
     view = memoryview(data)
     for offset in range(0, len(data), chunk):
         writer.write(view[offset : offset + chunk])
@@ -295,16 +298,11 @@ def test_segmented_artifact_reads_back(moto_server: Any, bucket: str, s3: Any, s
     """Two parts a segment: 29 MiB of random data goes up as three objects and reads back in order."""
     repository = make_repository(moto_server.url, bucket, download_streams=streams)
     data = os.urandom(29 * MiB)
-    writer = repository.upload(new_set_id(utc_now()), "segmented.tar.zst", threading.Event())
-    writer.segment_parts = 2
-    for offset in range(0, len(data), MiB):
-        writer.write(data[offset : offset + MiB])
-    size, sha256, raw_size = writer.finish()
-    artifact = Artifact("segmented", "directory", writer.key, size, sha256, raw_size, "/x", segments=writer.segments)
-    keys = [writer.key, writer.key + ".1", writer.key + ".2"]
+    artifact = upload(repository, new_set_id(utc_now()), "segmented.tar.zst", data, segment_parts=2)
+    size = artifact.size
+    keys = [artifact.key, artifact.key + ".1", artifact.key + ".2"]
     assert [segment.key for segment in artifact.segments] == keys
     assert [segment.size for segment in artifact.segments] == [10 * MiB, 10 * MiB, size - 20 * MiB]
-    assert writer.stored_keys() == keys
     got: list[int] = []
     with repository.open(artifact, on_bytes=got.append) as stream:
         assert stream.read() == data
