@@ -402,8 +402,9 @@ class _Table:
         return default if value is None else str(value)
 
     def number(self, key: str, default: float) -> float:
+        """Return the number as written, an int or a float, so that an error shows it unchanged."""
         value = self.typed(key, (int, float), "a number")
-        return default if value is None else float(value)
+        return default if value is None else value
 
     def positive_int(self, key: str, default: int) -> int:
         value = self.typed(key, (int,), "a whole number")
