@@ -619,8 +619,8 @@ class _RealDirectories:
     A member written into such a directory cannot land outside staging. This takes about one lstat
     per directory, where os.path.realpath took one for every level of every member's path. Since
     the extraction never replaces an entry, a directory checked once stays one. The LIMIT paths
-    used last are kept, so memory does not grow with the tree, and the directories above the
-    current member are among them.
+    used last are kept, so memory does not grow with the tree. A path dropped is checked again
+    when it is next used.
     """
 
     LIMIT = 256
