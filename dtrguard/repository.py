@@ -491,6 +491,7 @@ class ArtifactUpload:
         self._completing.append(self._completer.submit(self._complete_segment, segment.key, upload_id, parts))
 
     def _complete_segment(self, key: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
+        """Complete one segment's multipart upload, or abort it and raise RepositoryUnavailable."""
         try:
             self.client.complete_multipart_upload(
                 Bucket=self.repository.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
@@ -552,17 +553,13 @@ class ArtifactUpload:
                 self._wait_in_flight()
                 self._stop_sender()
                 self.may_exist = True
-                self.client.complete_multipart_upload(
-                    Bucket=self.repository.bucket,
-                    Key=self.segment_key,
-                    UploadId=self.upload_id,
-                    MultipartUpload={"Parts": self.parts},
-                )
-                self.upload_id = None
+                upload_id, self.upload_id = self.upload_id, None
+                assert upload_id is not None
+                self._complete_segment(self.segment_key, upload_id, self.parts)
                 self._raise_failed_completions(wait=True)
                 self._stop_completer()
         except (ClientError, BotoCoreError) as exc:
-            raise unavailable(f"upload of {self.segment_key}", exc) from None
+            raise unavailable(f"upload of {self.key}", exc) from None
         if self.completed:
             self.segments = (*self.completed, Segment(self.segment_key, self.segment_size))
         return self.size, self.sha256.hexdigest(), self.raw_size
