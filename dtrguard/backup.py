@@ -50,8 +50,8 @@ def take_backup(
 ) -> Manifest:
     """Upload a complete backup set and return its manifest.
 
-    When the set fails and S3 does not confirm the abort of an upload or the deletion of an
-    artifact, they are added to leftovers, for the caller to record and remove later.
+    When the set fails and S3 does not confirm the deletion of an object of it, its key is added to
+    leftovers, for the caller to record and remove later.
 
     Before the manifest is written the writer lease is renewed, or taken when take_lease is set
     (the first backup of a first node, or an operator's one-shot backup). A lease held by another
@@ -270,7 +270,8 @@ class _SetUploader:
             produce(upload)
             size, sha256, raw_size = upload.finish()
         except BaseException:
-            self.leftovers.uploads.extend([key, upload_id] for key, upload_id in upload.abort())
+            with contextlib.suppress(Exception):  # a part that failed has already given its error to produce or finish
+                upload.stop()
             self.uploaded.extend(upload.stored_keys())
             raise
         self.uploaded.extend(upload.stored_keys())

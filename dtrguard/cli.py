@@ -123,7 +123,7 @@ def _reject_while_service_runs(state_dir: Path, command: str) -> None:
 
 
 def _stop_on_signals(agent: Agent) -> None:
-    """Make SIGTERM and SIGINT abort a one-shot command cleanly: uploads aborted, no partial set."""
+    """Make SIGTERM and SIGINT abort a one-shot command cleanly: its uploads deleted, no partial set."""
 
     def handler(number: int, frame: object) -> None:
         agent.stop.set()

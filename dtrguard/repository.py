@@ -39,17 +39,12 @@ RANGE_SIZE = 8 * 1024 * 1024  # bytes per ranged GET when s3.download_streams is
 # On a 966 MB dump of the benchmark's DTR-like database, zstd level 2 gave 3.87:1 in 2.7 s of CPU.
 # Level 3 gave 3.81:1 in 4.0 s, and level 1 3.61:1 in 2.1 s.
 ZSTD_LEVEL = 2
-# S3 takes at most 10,000 parts and 5 GiB a part. The part size doubles after every PARTS_PER_SIZE
-# parts, so memory stays at a few parts of the configured size for all but huge artifacts, and an
-# artifact can still reach S3's 5 TB object limit.
+# Each part of an artifact is an object of its own (see ArtifactUpload). The part size doubles after
+# every PARTS_PER_SIZE parts, so memory stays at a few parts of the configured size for all but huge
+# artifacts, and an artifact of terabytes is still a few thousand objects. S3 takes 5 GiB at most
+# in one PutObject.
 PARTS_PER_SIZE = 1000
 MAX_PART = 5 * 1024**3
-# An artifact of more parts is stored as several objects, its segments, of SEGMENT_PARTS parts each
-# (64 MiB with the default part size). Each full segment is completed in the background while the
-# next one uploads. On some S3 servers completing an object takes time in proportion to its size:
-# moto copies every part into a new object. In the benchmark's 1 GB backup, completing the 250 MB
-# dump as one object took its last 1.5 s, with one core idle.
-SEGMENT_PARTS = 8
 
 
 def make_client(settings: S3Settings) -> Any:
@@ -257,9 +252,12 @@ class Repository:
     def _whole_chunks(self, artifact: Artifact) -> Iterator[bytes]:
         """Yield an artifact's bytes in order, one GET for each of its objects.
 
-        An object whose size differs from the manifest's fails before any of its bytes are passed on.
+        The GET of the next object is sent while the current one's body is read, so a segmented
+        artifact does not wait for the first byte of every object in turn. An object whose size
+        differs from the manifest's fails before any of its bytes are passed on.
         """
-        for segment in artifact.objects():
+
+        def get(segment: Segment) -> Any:
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=segment.key)
             except (ClientError, BotoCoreError) as exc:
@@ -267,7 +265,28 @@ class Repository:
             if response.get("ContentLength", segment.size) != segment.size:
                 response["Body"].close()
                 raise _wrong_size(segment, response["ContentLength"])
-            yield from response["Body"].iter_chunks(DOWNLOAD_CHUNK)
+            return response["Body"]
+
+        segments = artifact.objects()
+        if len(segments) == 1:
+            yield from get(segments[0]).iter_chunks(DOWNLOAD_CHUNK)
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="download")
+        following: Future[Any] | None = pool.submit(get, segments[0])
+        try:
+            for index in range(len(segments)):
+                assert following is not None
+                body = following.result()
+                following = pool.submit(get, segments[index + 1]) if index + 1 < len(segments) else None
+                try:
+                    yield from body.iter_chunks(DOWNLOAD_CHUNK)
+                finally:
+                    body.close()
+        finally:
+            if following is not None:
+                with contextlib.suppress(Exception):  # the reader stopped early or failed: drop the GET sent ahead
+                    following.result().close()
+            pool.shutdown(wait=True)
 
     def _ranged_chunks(self, artifact: Artifact) -> Iterator[bytes]:
         """Yield an artifact's bytes in order, fetched by download_streams ranged GETs at a time.
@@ -321,23 +340,12 @@ class Repository:
                     raise Aborted(f"verification of {artifact.key} stopped on request")
 
     def bucket_warnings(self) -> list[str]:
-        """List what the bucket lacks that protects backups: versioning, and a rule aborting stale uploads."""
+        """List what the bucket lacks that protects backups: versioning."""
         warnings = []
         try:
             versioning = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status")
             if versioning != "Enabled":
                 warnings.append(f"bucket {self.bucket} has no versioning, so a deleted or overwritten set is lost")
-            try:
-                rules = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket).get("Rules", [])
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
-                    raise
-                rules = []
-            if not any(r.get("Status") == "Enabled" and r.get("AbortIncompleteMultipartUpload") for r in rules):
-                warnings.append(
-                    f"bucket {self.bucket} has no lifecycle rule aborting incomplete multipart uploads,"
-                    " so parts of an interrupted upload are billed until dtrguard prunes them"
-                )
         except (ClientError, BotoCoreError) as exc:
             warnings.append(
                 f"the settings of bucket {self.bucket} could not be read: {unavailable('read', exc).detail}"
@@ -355,15 +363,19 @@ class Repository:
 
 
 class ArtifactUpload:
-    """A zstd-compressing, optionally encrypting, hashing, multipart upload fed by write().
+    """A zstd-compressing, optionally encrypting, hashing upload fed by write(), one object per part.
 
-    One part goes up in a background thread while the next one fills, so compression and the
-    upload overlap. The parts are two buffers of S3Settings.part_size bytes (doubled after every
-    PARTS_PER_SIZE parts), filled and sent in turn, so memory stays at two parts and is not
-    allocated again for every part. A stream shorter than one part goes up with a single
-    PutObject. A stream of more than segment_parts parts goes up as segments: the object at key
-    takes the first segment_parts parts, key.1 the next ones, and so on. Any failure, or cancel
-    being set, aborts the multipart uploads so no orphaned parts remain.
+    The stored stream is cut into parts of S3Settings.part_size bytes (doubled after every
+    PARTS_PER_SIZE parts), and each part is an object of its own, put with one PutObject: the first
+    at key, the next at key.1, key.2 and so on. These are the artifact's segments. One part goes up
+    in a background thread while the next one fills, so compression and the upload overlap. The
+    parts are two buffers, filled and sent in turn, so memory stays at two parts and is not
+    allocated again for every part.
+
+    Plain PUTs rather than a multipart upload: an interrupted upload leaves only objects that a
+    listing shows, never parts that S3 keeps out of sight, and no server has to join the parts into
+    one object. moto does that by copying every byte again. After a failure, or cancel being set,
+    stored_keys() names every object that may exist, for the caller to delete.
     """
 
     def __init__(
@@ -384,22 +396,10 @@ class ArtifactUpload:
         self._sending: bytearray | None = None
         self.raw_size = 0
         self.size = 0
-        self.segment_parts = SEGMENT_PARTS
-        self.segment_key = key  # the object that the parts being sent belong to
-        self.segment_size = 0  # stored bytes in its parts so far
-        self.upload_id: str | None = None  # its multipart upload
-        self.parts: list[dict[str, Any]] = []  # its parts
-        self.part_sizes: list[int] = []  # the sizes of all parts of the artifact
-        self.completed: list[Segment] = []  # segments before the current one, completed or being completed
-        self.segments: tuple[Segment, ...] = ()  # every segment, set by finish() when there are two or more
+        self.sent: list[Segment] = []  # every part sent or being sent, as the object it goes to
+        self.segments: tuple[Segment, ...] = ()  # set by finish() when there are two or more
         self._sender: ThreadPoolExecutor | None = None
         self._in_flight: Future[None] | None = None
-        self._completer: ThreadPoolExecutor | None = None
-        self._completing: list[Future[None]] = []
-        self._unaborted: list[tuple[str, str]] = []  # (key, upload id) of segments neither completed nor aborted
-        # Set once the request that creates the current object is sent. When it fails, S3 may
-        # still have made the object (the response was lost), so a caller cleaning up must delete it.
-        self.may_exist = False
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.cancel.is_set():
@@ -433,93 +433,25 @@ class ArtifactUpload:
         spare, self.spare = self.spare, None
         return spare if spare is not None and len(spare) == self.part_size else bytearray(self.part_size)
 
-    def _take_rest(self) -> bytearray:
-        """Return what the part being filled holds, as the last part."""
-        rest = self.buffer[: self.filled] if self.buffer is not None else bytearray()
-        self.buffer, self.filled = None, 0
-        return rest
-
     def _upload_part(self, part: bytearray) -> None:
-        """Wait for the part in flight, then send this one in the background, in a new segment if needed."""
+        """Wait for the part in flight, then send this one in the background as the next object."""
         self._wait_in_flight()
-        self._raise_failed_completions()
-        if self.upload_id is not None and len(self.parts) == self.segment_parts:
-            self._complete_segment_later()
-        if self.upload_id is None:
-            if self.completed:
-                self.segment_key = f"{self.key}.{len(self.completed)}"
-            try:
-                response = self.client.create_multipart_upload(
-                    Bucket=self.repository.bucket, Key=self.segment_key, **self.repository._encryption()
-                )
-            except (ClientError, BotoCoreError) as exc:
-                raise unavailable(f"upload of {self.segment_key}", exc) from None
-            self.upload_id = response["UploadId"]
-            if self._sender is None:
-                self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
-        assert self._sender is not None
-        entry: dict[str, Any] = {"PartNumber": len(self.parts) + 1}
-        self.parts.append(entry)
-        self.part_sizes.append(len(part))
-        self.segment_size += len(part)
-        if len(self.part_sizes) % self.parts_per_size == 0:
+        key = f"{self.key}.{len(self.sent)}" if self.sent else self.key
+        self.sent.append(Segment(key, len(part)))
+        if len(self.sent) % self.parts_per_size == 0:
             self.part_size = min(self.part_size * 2, MAX_PART)
-        self._in_flight = self._sender.submit(self._send_part, self.segment_key, self.upload_id, entry, part)
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
+        self._in_flight = self._sender.submit(self._put, key, part)
         self._sending = part
 
-    def _send_part(self, key: str, upload_id: str, entry: dict[str, Any], part: bytearray) -> None:
+    def _put(self, key: str, part: bytearray) -> None:
         # A bytearray body is sent as it is, where botocore would first join a bytes body to the headers.
-        number = entry["PartNumber"]
         try:
-            response = self.client.upload_part(
-                Bucket=self.repository.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=part
-            )
+            self.client.put_object(Bucket=self.repository.bucket, Key=key, Body=part, **self.repository._encryption())
         except (ClientError, BotoCoreError) as exc:
             raise unavailable(f"upload of {key}", exc) from None
-        entry["ETag"] = response["ETag"]
-        _log.debug("upload.part", key=key, part=number, bytes=len(part))
-
-    def _complete_segment_later(self) -> None:
-        """Complete the current segment in the background; its parts are all sent."""
-        assert self.upload_id is not None
-        segment = Segment(self.segment_key, self.segment_size)
-        upload_id, parts = self.upload_id, self.parts
-        self.completed.append(segment)
-        self.upload_id, self.parts, self.segment_size = None, [], 0
-        if self._completer is None:
-            self._completer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="complete")
-        self._completing.append(self._completer.submit(self._complete_segment, segment.key, upload_id, parts))
-
-    def _complete_segment(self, key: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
-        """Complete one segment's multipart upload, or abort it and raise RepositoryUnavailable."""
-        try:
-            self.client.complete_multipart_upload(
-                Bucket=self.repository.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
-        except (ClientError, BotoCoreError) as exc:
-            if not self.repository.abort_upload(key, upload_id):
-                self._unaborted.append((key, upload_id))
-            raise unavailable(f"upload of {key}", exc) from None
-        _log.debug("upload.segment", key=key, parts=len(parts))
-
-    def _raise_failed_completions(self, wait: bool = False) -> None:
-        """Raise the error of the first segment completion that failed. Unless wait, check only finished ones."""
-        pending = []
-        for future in self._completing:
-            if wait or future.done():
-                future.result()
-            else:
-                pending.append(future)
-        self._completing = pending
-
-    def _stop_completer(self) -> None:
-        if self._completer is not None:
-            self._completer.shutdown(wait=True)
-            self._completer = None
-
-    def stored_keys(self) -> list[str]:
-        """Return the keys that may hold an object of this artifact: to delete if its set fails."""
-        return [segment.key for segment in self.completed] + ([self.segment_key] if self.may_exist else [])
+        _log.debug("upload.part", key=key, bytes=len(part))
 
     def _wait_in_flight(self) -> None:
         """Raise the error of the part in flight, if it failed."""
@@ -528,60 +460,35 @@ class ArtifactUpload:
             in_flight.result()
             self.spare, self._sending = self._sending, None
 
-    def _stop_sender(self) -> None:
-        if self._sender is not None:
-            self._sender.shutdown(wait=True)
-            self._sender = None
+    def stored_keys(self) -> list[str]:
+        """Return the keys that may hold an object of this artifact: to delete if its set fails.
+
+        A part whose request failed is among them: S3 may have stored it and lost the response.
+        """
+        return [segment.key for segment in self.sent]
 
     def finish(self) -> tuple[int, str, int]:
-        """Flush, complete the upload and return (size, sha256, raw size)."""
+        """Flush, send the last part and return (size, sha256, raw size)."""
         if self.cancel.is_set():
             raise Aborted(f"upload of {self.key} stopped on request")
         self._push(self.compressor.flush(), last=True)
-        try:
-            if self.upload_id is None and not self.completed:
-                self.may_exist = True
-                self.client.put_object(
-                    Bucket=self.repository.bucket,
-                    Key=self.key,
-                    Body=self._take_rest(),
-                    **self.repository._encryption(),
-                )
-            else:
-                if self.filled:
-                    self._upload_part(self._take_rest())
-                self._wait_in_flight()
-                self._stop_sender()
-                self.may_exist = True
-                upload_id, self.upload_id = self.upload_id, None
-                assert upload_id is not None
-                self._complete_segment(self.segment_key, upload_id, self.parts)
-                self._raise_failed_completions(wait=True)
-                self._stop_completer()
-        except (ClientError, BotoCoreError) as exc:
-            raise unavailable(f"upload of {self.key}", exc) from None
-        if self.completed:
-            self.segments = (*self.completed, Segment(self.segment_key, self.segment_size))
+        if self.filled or not self.sent:
+            rest = self.buffer[: self.filled] if self.buffer is not None else bytearray()
+            self.buffer, self.filled = None, 0
+            self._upload_part(rest)
+        self.stop()
+        if len(self.sent) > 1:
+            self.segments = tuple(self.sent)
         return self.size, self.sha256.hexdigest(), self.raw_size
 
-    def abort(self) -> list[tuple[str, str]]:
-        """Abort the open multipart upload; return the uploads S3 did not confirm aborted, as (key, upload id).
-
-        Segments being completed are waited for. One whose completion failed was aborted then.
-        """
-        with contextlib.suppress(Exception):  # a part that failed has already given its error to the caller
+    def stop(self) -> None:
+        """Wait for the part in flight and raise its error, if it failed."""
+        try:
             self._wait_in_flight()
-        self._stop_sender()
-        for future in self._completing:
-            with contextlib.suppress(Exception):  # a completion that failed was aborted then
-                future.result()
-        self._completing = []
-        self._stop_completer()
-        unaborted = list(self._unaborted)
-        upload_id, self.upload_id = self.upload_id, None
-        if upload_id is not None and not self.repository.abort_upload(self.segment_key, upload_id):
-            unaborted.append((self.segment_key, upload_id))
-        return unaborted
+        finally:
+            if self._sender is not None:
+                self._sender.shutdown(wait=True)
+                self._sender = None
 
 
 def _wrong_size(segment: Segment, size: int) -> IntegrityError:

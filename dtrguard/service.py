@@ -167,9 +167,9 @@ class Agent:
     def backup(self, take_lease: bool = False) -> Manifest:
         """Take a backup set and record the result in the state file (see take_backup for take_lease).
 
-        The run is stopped once it passes schedule.backup_timeout: its uploads are aborted and
-        BackupTimeout is raised. Artifacts and uploads that S3 did not let a failed run remove
-        are recorded in the state file, and removed at the start of the next run.
+        The run is stopped once it passes schedule.backup_timeout: what it uploaded is deleted
+        and BackupTimeout is raised. Objects that S3 did not let a failed run delete are recorded
+        in the state file, and removed at the start of the next run.
         """
         node = self.connect()
         clock = self.backup_started = time.monotonic()
@@ -418,7 +418,7 @@ class Agent:
         except RefusedError as exc:
             self.refusal = exc  # run() raises it once the scheduler has stopped
             self.stop.set()
-        except Aborted as exc:  # SIGTERM during a run: its uploads were aborted, so no partial set remains
+        except Aborted as exc:  # SIGTERM during a run: what it uploaded was deleted, so no partial set remains
             _log.warning("backup.aborted", error=str(exc), instance_id=self.instance_id)
         except DtrguardError as exc:
             event = "backup.failed" if self.state.established else "decision.failed"

@@ -34,14 +34,16 @@ class LastBackup:
 
 @dataclass
 class Leftovers:
-    """The uploads and artifacts a failed backup could not remove from S3, because S3 did not respond.
+    """The objects a failed backup could not remove from S3, because S3 did not respond.
 
     The next backup removes these before it starts. Without this record, pruning would find
     them only once they are older than retention.orphan_grace. A run killed outright (SIGKILL,
-    power loss) records nothing, so pruning removes its uploads after that grace.
+    power loss) records nothing, so pruning removes its objects after that grace.
     """
 
-    uploads: list[list[str]] = field(default_factory=list)  # [key, upload id] of multipart uploads to abort
+    # [key, upload id] of multipart uploads to abort: written by earlier builds, which uploaded
+    # artifacts in multipart uploads, and still read and aborted.
+    uploads: list[list[str]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # artifacts of sets that never got a manifest
 
     def __len__(self) -> int:

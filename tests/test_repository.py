@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -16,7 +17,7 @@ from botocore.exceptions import ConnectionClosedError
 from dtrguard.config import S3Settings
 from dtrguard.errors import Aborted, IntegrityError, RepositoryUnavailable
 from dtrguard.manifest import Artifact, Manifest, Segment, format_of, new_set_id, parse, utc_now
-from dtrguard.repository import SEGMENT_PARTS, Repository
+from dtrguard.repository import Repository
 
 MiB = 1024 * 1024
 
@@ -33,11 +34,8 @@ def make_repository(url: str, bucket: str, part_size: int = 5 * MiB, download_st
     return Repository(settings)
 
 
-def upload(
-    repository: Repository, set_id: str, name: str, data: bytes, chunk: int = MiB, segment_parts: int = SEGMENT_PARTS
-) -> Artifact:
+def upload(repository: Repository, set_id: str, name: str, data: bytes, chunk: int = MiB) -> Artifact:
     writer = repository.upload(set_id, name, threading.Event())
-    writer.segment_parts = segment_parts
     view = memoryview(data)
     for offset in range(0, len(data), chunk):
         writer.write(view[offset : offset + chunk])
@@ -68,8 +66,8 @@ def read_all(repository: Repository, artifact: Artifact) -> bytes:
         return stream.read()
 
 
-def test_upload_large_artifact_multipart(moto_server: Any, bucket: str, s3: Any) -> None:
-    """Ten parts: the object at the key takes the first eight, a second segment the other two."""
+def test_large_artifact_one_object_per_part(moto_server: Any, bucket: str, s3: Any) -> None:
+    """Ten parts, ten objects: the first at the artifact's key, then key.1 to key.9, read back in order."""
     repository = make_repository(moto_server.url, bucket)
     data = os.urandom(48 * MiB)  # random data does not compress, so it spans ten 5 MiB parts
     set_id = new_set_id(utc_now())
@@ -80,22 +78,24 @@ def test_upload_large_artifact_multipart(moto_server: Any, bucket: str, s3: Any)
     size, sha256, raw_size = writer.finish()
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(writer.part_sizes) == 10
     assert raw_size == len(data)
     # Two part buffers, one filling and one in flight, plus the 1 MiB written and its compressed
     # copy: 13.2 MiB traced. Joining each part from the compressor's pieces and sending it as bytes,
     # which botocore copies once more, took about four parts.
     assert peak < 3 * 5 * MiB
-    assert [segment.key for segment in writer.segments] == [writer.key, writer.key + ".1"]
-    assert [segment.size for segment in writer.segments] == [8 * 5 * MiB, size - 8 * 5 * MiB]
-    for segment in writer.segments:
-        assert s3.head_object(Bucket=bucket, Key=segment.key)["ContentLength"] == segment.size
+    keys = [writer.key] + [f"{writer.key}.{n}" for n in range(1, 10)]
+    assert [segment.key for segment in writer.segments] == keys
+    assert [segment.size for segment in writer.segments] == [5 * MiB] * 9 + [size - 45 * MiB]
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"test/sets/{set_id}/")["Contents"]
+    assert sorted((item["Key"], item["Size"]) for item in listed) == sorted((s.key, s.size) for s in writer.segments)
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert writer.stored_keys() == keys
     artifact = Artifact("big.tar.zst", "directory", writer.key, size, sha256, raw_size, "/x", segments=writer.segments)
     assert read_all(repository, artifact) == data
 
 
 def test_part_size_doubles(moto_server: Any, bucket: str) -> None:
-    """S3 takes 10,000 parts at most, so the part size grows. The object reads back whole."""
+    """The part size doubles after every parts_per_size parts, and the objects read back whole."""
     repository = make_repository(moto_server.url, bucket)
     data = os.urandom(48 * MiB)
     writer = repository.upload(new_set_id(utc_now()), "growing.tar.zst", threading.Event())
@@ -103,17 +103,19 @@ def test_part_size_doubles(moto_server: Any, bucket: str) -> None:
     for offset in range(0, len(data), MiB):
         writer.write(data[offset : offset + MiB])
     size, sha256, raw_size = writer.finish()
-    full = writer.part_sizes[:-1]  # the last part contains what remained
-    assert full == [5 * MiB, 5 * MiB, 10 * MiB, 10 * MiB, 20 * MiB][: len(full)]
-    assert sum(writer.part_sizes) == size
-    artifact = Artifact("growing.tar.zst", "directory", writer.key, size, sha256, raw_size, "/x")
+    sizes = [segment.size for segment in writer.segments]
+    assert sizes[:-1] == [5 * MiB, 5 * MiB, 10 * MiB, 10 * MiB]  # the last part contains what remained
+    assert sum(sizes) == size
+    artifact = Artifact(
+        "growing.tar.zst", "directory", writer.key, size, sha256, raw_size, "/x", segments=writer.segments
+    )
     assert read_all(repository, artifact) == data
 
 
 def test_ranged_download_reads_in_order(moto_server: Any, bucket: str, s3: Any) -> None:
     """download_streams > 1 reads by ranges in parallel, with the same bytes and the same checks."""
-    repository = make_repository(moto_server.url, bucket, download_streams=3)
-    data = os.urandom(29 * MiB)  # four 8 MiB ranges, the last one short
+    repository = make_repository(moto_server.url, bucket, part_size=32 * MiB, download_streams=3)
+    data = os.urandom(29 * MiB)  # one object, four 8 MiB ranges, the last one short
     artifact = upload(repository, new_set_id(utc_now()), "ranged.tar.zst", data)
     got = []
     with repository.open(artifact, on_bytes=got.append) as stream:
@@ -134,41 +136,47 @@ def test_ranged_download_reads_in_order(moto_server: Any, bucket: str, s3: Any) 
 def test_upload_small_artifact_single_put(moto_server: Any, bucket: str) -> None:
     repository = make_repository(moto_server.url, bucket)
     artifact = upload(repository, new_set_id(utc_now()), "small", b"hello " * 100)
+    assert artifact.segments == ()
     assert read_all(repository, artifact) == b"hello " * 100
 
 
-def test_upload_cancel_aborts_multipart(moto_server: Any, bucket: str, s3: Any) -> None:
+def test_upload_cancel_names_stored_objects(moto_server: Any, bucket: str, s3: Any) -> None:
     repository = make_repository(moto_server.url, bucket)
     cancel = threading.Event()
     writer = repository.upload(new_set_id(utc_now()), "cancelled", cancel)
-    writer.write(os.urandom(6 * MiB))
-    assert writer.upload_id is not None
+    writer.write(os.urandom(11 * MiB))  # two parts sent
     cancel.set()
     with pytest.raises(Aborted):
         writer.write(b"more")
-    writer.abort()
-    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    writer.stop()
+    listed = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert sorted(listed) == sorted(writer.stored_keys()) == sorted([writer.key, writer.key + ".1"])
 
 
-@pytest.mark.parametrize(("operation", "size"), [("PutObject", 1000), ("CompleteMultipartUpload", 6 * MiB)])
-def test_lost_response_marks_object_maybe_stored(
-    moto_server: Any, bucket: str, s3: Any, operation: str, size: int
-) -> None:
-    """S3 stored the object but its response was lost: the upload fails and reports that the key may exist."""
+@pytest.mark.parametrize(("size", "lost"), [(1000, 1), (12 * MiB, 1), (12 * MiB, 2)])
+def test_lost_response_names_object_maybe_stored(moto_server: Any, bucket: str, s3: Any, size: int, lost: int) -> None:
+    """S3 stored a part but its response was lost: the upload fails and names that part's key among its objects."""
     repository = make_repository(moto_server.url, bucket)
+    calls: list[str] = []
 
     def lose_response(**kwargs: Any) -> None:
-        raise ConnectionClosedError(endpoint_url=moto_server.url)
+        calls.append(kwargs["model"].name)
+        if len(calls) == lost:
+            raise ConnectionClosedError(endpoint_url=moto_server.url)
 
-    repository.client.meta.events.register(f"after-call.s3.{operation}", lose_response)
+    repository.client.meta.events.register("after-call.s3.PutObject", lose_response)
     writer = repository.upload(new_set_id(utc_now()), "lost", threading.Event())
-    writer.write(os.urandom(size))
-    assert not writer.may_exist
     with pytest.raises(RepositoryUnavailable):
+        for offset in range(0, size, MiB):
+            writer.write(os.urandom(min(MiB, size - offset)))
         writer.finish()
-    assert writer.may_exist
-    assert s3.head_object(Bucket=bucket, Key=writer.key)["ContentLength"] > 0
+    with contextlib.suppress(RepositoryUnavailable):
+        writer.stop()
+    lost_key = writer.key if lost == 1 else writer.key + ".1"
+    assert s3.head_object(Bucket=bucket, Key=lost_key)["ContentLength"] > 0
+    listed = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert lost_key in listed
+    assert set(listed) <= set(writer.stored_keys())
 
 
 def test_manifest_never_overwritten(moto_server: Any, bucket: str) -> None:
@@ -295,10 +303,10 @@ def test_manifest_of_newer_format_rejected() -> None:
 
 @pytest.mark.parametrize("streams", [1, 3])
 def test_segmented_artifact_reads_back(moto_server: Any, bucket: str, s3: Any, streams: int) -> None:
-    """Two parts a segment: 29 MiB of random data goes up as three objects and reads back in order."""
-    repository = make_repository(moto_server.url, bucket, download_streams=streams)
+    """29 MiB of random data in 10 MiB parts goes up as three objects and reads back in order."""
+    repository = make_repository(moto_server.url, bucket, part_size=10 * MiB, download_streams=streams)
     data = os.urandom(29 * MiB)
-    artifact = upload(repository, new_set_id(utc_now()), "segmented.tar.zst", data, segment_parts=2)
+    artifact = upload(repository, new_set_id(utc_now()), "segmented.tar.zst", data)
     size = artifact.size
     keys = [artifact.key, artifact.key + ".1", artifact.key + ".2"]
     assert [segment.key for segment in artifact.segments] == keys
@@ -313,56 +321,41 @@ def test_segmented_artifact_reads_back(moto_server: Any, bucket: str, s3: Any, s
     s3.put_object(Bucket=bucket, Key=keys[1], Body=stored[:-1])
     with pytest.raises(IntegrityError, match=re.escape(f"artifact {keys[1]} has {10 * MiB - 1} bytes, expected")):
         read_all(repository, artifact)
-    s3.put_object(Bucket=bucket, Key=keys[1], Body=stored[:-1] + b"x")
+    s3.put_object(Bucket=bucket, Key=keys[1], Body=stored[:-1] + bytes([stored[-1] ^ 1]))
     with pytest.raises(IntegrityError, match="sha256"):
         read_all(repository, artifact)
 
 
-def test_failed_segment_completion_cleaned_up(moto_server: Any, bucket: str, s3: Any) -> None:
-    """The first segment's completion, in the background, fails: the writer raises it and nothing stays in S3."""
+def test_failed_part_in_background_cleaned_up(moto_server: Any, bucket: str, s3: Any) -> None:
+    """The second part's PUT, sent in the background, fails: the writer raises it and its objects can be deleted."""
     repository = make_repository(moto_server.url, bucket)
-    failures = []
+    calls: list[str] = []
 
-    def lose_first(**kwargs: Any) -> None:
-        if not failures:
-            failures.append(kwargs["params"]["url_path"])
+    def fail_second(**kwargs: Any) -> None:
+        calls.append(kwargs["params"]["url_path"])
+        if len(calls) == 2:
             raise ConnectionClosedError(endpoint_url=moto_server.url)
 
-    repository.client.meta.events.register("before-call.s3.CompleteMultipartUpload", lose_first)
+    repository.client.meta.events.register("before-call.s3.PutObject", fail_second)
     writer = repository.upload(new_set_id(utc_now()), "segmented.tar.zst", threading.Event())
-    writer.segment_parts = 2
     data = os.urandom(24 * MiB)
-    with pytest.raises(RepositoryUnavailable, match=re.escape(writer.key)):
+    with pytest.raises(RepositoryUnavailable, match=re.escape(f"upload of {writer.key}.1")):
         for offset in range(0, len(data), MiB):
             writer.write(data[offset : offset + MiB])
         writer.finish()
-    assert len(failures) == 1
-    assert writer.abort() == []
+    writer.stop()
+    assert writer.stored_keys() == [writer.key, writer.key + ".1"]
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 1
     for key in writer.stored_keys():
         s3.delete_object(Bucket=bucket, Key=key)
-    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
 
-def test_bucket_warnings_name_missing_protections(moto_server: Any, bucket: str, s3: Any) -> None:
+def test_bucket_warnings_name_missing_versioning(moto_server: Any, bucket: str, s3: Any) -> None:
     repository = make_repository(moto_server.url, bucket)
     warnings = repository.bucket_warnings()
-    assert any("no versioning" in w for w in warnings)
-    assert any("incomplete multipart uploads" in w for w in warnings)
+    assert warnings == [f"bucket {bucket} has no versioning, so a deleted or overwritten set is lost"]
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    s3.put_bucket_lifecycle_configuration(
-        Bucket=bucket,
-        LifecycleConfiguration={
-            "Rules": [
-                {
-                    "ID": "abort",
-                    "Status": "Enabled",
-                    "Filter": {"Prefix": ""},
-                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
-                }
-            ]
-        },
-    )
     assert repository.bucket_warnings() == []
 
 
