@@ -36,14 +36,12 @@ S3_ACTIONS = {
     "s3:AbortMultipartUpload",
     "s3:ListBucketMultipartUploads",
     "s3:GetBucketVersioning",
-    "s3:GetLifecycleConfiguration",
 }
 KMS_ACTIONS = {"kms:GenerateDataKey", "kms:Decrypt"}
 BUCKET_ACTIONS = {
     "s3:ListBucket",
     "s3:ListBucketMultipartUploads",
     "s3:GetBucketVersioning",
-    "s3:GetLifecycleConfiguration",
 }
 OBJECT_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
 
