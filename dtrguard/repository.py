@@ -41,7 +41,7 @@ RANGE_SIZE = 8 * 1024 * 1024  # bytes per ranged GET when s3.download_streams is
 ZSTD_LEVEL = 2
 # Each part of an artifact is an object of its own (see ArtifactUpload). The part size doubles after
 # every PARTS_PER_SIZE parts, so memory stays at a few parts of the configured size for all but huge
-# artifacts, and an artifact of terabytes is still a few thousand objects. S3 takes 5 GiB at most
+# artifacts, and an artifact of 1 TiB is about 7,000 objects (at 8 MiB parts). S3 takes 5 GiB at most
 # in one PutObject.
 PARTS_PER_SIZE = 1000
 MAX_PART = 5 * 1024**3
