@@ -2,8 +2,9 @@
 
 It is written last, after every artifact is uploaded, and lists each artifact's key, size and
 sha256 so that a restore can prove it got the bytes the backup wrote. An artifact larger than one
-segment is stored as several objects, its segments, which are read one after the other. A
-manifest that lists segments has format 2, so dtrguard versions that know only format 1 refuse it.
+upload part is stored as several objects, its segments (one a part), which are read one after the
+other. A manifest that lists segments has format 2, so dtrguard versions that know only format 1
+refuse it.
 """
 
 from __future__ import annotations
