@@ -143,8 +143,9 @@ class Bench:
         self.image = ensure_postgres_image()
         self.dataset = Dataset(self.args.size, self.cache)
         self.info["generation_seconds"] = self.dataset.ensure(self.image, GEN)
-        # Every tool reads the same tree: hard links to the cached files, so nothing is copied.
-        run(f"cp -al {self.dataset.files_root}/etc {self.dataset.files_root}/var --target-directory {self.work}/")
+        # Every tool reads the same copy of the cached files. Hard links would give every file a second
+        # name, which tar, restic and dtrguard each remember, for a link that a DTR node does not have.
+        run(f"cp -a {self.dataset.files_root}/etc {self.dataset.files_root}/var --target-directory {self.work}/")
         self.node.mkdir()
         (self.work / "etc").rename(self.node / "etc")
         (self.work / "var").rename(self.node / "var")
