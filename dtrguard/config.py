@@ -221,7 +221,7 @@ def _parse_s3(table: _Table) -> S3Settings:
         table.invalid("kms_endpoint_url", kms_endpoint, "use a URL starting with http:// or https://")
     part_mb = table.number("part_size_mb", 8)
     if not 5 <= part_mb <= 512:
-        table.invalid("part_size_mb", part_mb, "use 5 to 512 (each part is one S3 object, so smaller parts mean more requests)")
+        table.invalid("part_size_mb", part_mb, "use 5 to 512 (each part is an S3 object of its own)")
     streams = table.positive_int("download_streams", 1)
     if streams > MAX_DOWNLOAD_STREAMS:
         table.invalid("download_streams", streams, f"use 1 to {MAX_DOWNLOAD_STREAMS}")
