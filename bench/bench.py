@@ -166,8 +166,8 @@ class Bench:
             "var": tree(self.node / "var"),
         }
         self.describe_dataset()
-        # The copy of the directories and the dump measured above are written back to disk within
-        # about 30 s; flush them now, so the first tool measured does not pay for that writeback.
+        # The copy of the directories and the dump measured above reach the disk within about 30 s.
+        # Flush them now, so the first tool measured does not pay for that writeback.
         run("sync")
 
     def describe_dataset(self) -> None:

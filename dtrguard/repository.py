@@ -274,10 +274,10 @@ class Repository:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="download")
         following: Future[Any] | None = pool.submit(get, segments[0])
         try:
-            for index in range(len(segments)):
+            for upcoming in [*segments[1:], None]:
                 assert following is not None
                 body = following.result()
-                following = pool.submit(get, segments[index + 1]) if index + 1 < len(segments) else None
+                following = pool.submit(get, upcoming) if upcoming is not None else None
                 try:
                     yield from body.iter_chunks(DOWNLOAD_CHUNK)
                 finally:

@@ -119,8 +119,8 @@ def test_s3_stops_during_upload(make_node: Any, moto_server: MotoServer, s3: Any
         assert manifest_keys(s3, bucket) == manifests_before
         recorded = leftovers(node)
         assert recorded["uploads"] == []
-        # Every object of the set is recorded. So may be a part whose request got no response:
-        # S3 might have stored it.
+        # Every object of the set is recorded, a part whose request got no response too, because
+        # S3 may have stored it.
         stored = set_objects(s3, bucket, failed_set)
         assert key in stored
         assert set(stored) <= set(recorded["keys"])
